@@ -1,0 +1,52 @@
+"""Dual prompts: the same problem rendered once for the policy (a plain template) and once for the teacher (its
+chat template). Owns text -> token ids; knows nothing about models or sampling."""
+
+from .config import SamplerConfig
+
+DEFAULT_POLICY_TEMPLATE = "{prompt}"
+
+
+def build_dual_prompts(
+    prompts: list[str],
+    tokenizer,
+    policy_template: str = DEFAULT_POLICY_TEMPLATE,
+    teacher_chat_template: str | None = None,
+    system_prompt: str | None = None,
+    teacher_tokenizer=None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each prompt for the policy (`policy_template.format(prompt=p)`, no special tokens added) and
+    for the teacher (a user turn, plus an optional system turn, through the teacher's chat template with the
+    generation prompt). `teacher_chat_template` (a Jinja string) replaces the tokenizer's own."""
+    teacher_tokenizer = teacher_tokenizer or tokenizer
+    if "{prompt}" not in policy_template:
+        raise ValueError(f"policy_template must contain '{{prompt}}', got {policy_template!r}")
+    template = teacher_chat_template or getattr(teacher_tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError(
+            "the teacher tokenizer has no chat template: pass teacher_chat_template (a Jinja string, e.g. the "
+            "teacher checkpoint's chat_template) so that the teacher sees the format it was tuned on"
+        )
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty or not a string: {p!r}")
+    policy_ids = [tokenizer.encode(policy_template.format(prompt=p), add_special_tokens=False) for p in prompts]
+    teacher_ids = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": p}
+        ]
+        text = teacher_tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        teacher_ids.append(teacher_tokenizer.encode(text, add_special_tokens=False))
+    return policy_ids, teacher_ids
+
+
+def stop_ids_for(config: SamplerConfig, tokenizer, teacher_tokenizer=None) -> tuple[int, ...]:
+    """The config's stop ids plus both tokenizers' EOS ids (the policy ends with EOS, a chat teacher with its
+    end-of-turn token), sorted and without duplicates."""
+    ids = set(config.stop_token_ids)
+    for tok in (tokenizer, teacher_tokenizer or tokenizer):
+        eos = tok.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return tuple(sorted(ids))

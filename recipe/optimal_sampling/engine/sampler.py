@@ -1,0 +1,252 @@
+"""`DualSampler`: a policy and a teacher causal LM decoding in lockstep, each over its own prompt.
+
+Owns batching, padding, the two KV caches, stop handling and the per-token traces. The per-token maths lives in
+`step.sample_step`; the maths behind it in `core/`. Knows nothing about tokenizers' text (see `prompts`), verl
+or metrics loggers.
+
+This is the reference path (HF forward passes with dynamic caches, left padding, per-row positions); it runs on
+CPU and GPU. A faster path may replace `_prefill`/`_decode` without changing `generate`'s contract.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .config import SamplerConfig
+from .step import StepRecord, sample_step
+
+TRACE_FIELDS = ("logp_q", "logp_policy", "logp_teacher", "alpha")
+DIAGNOSTIC_FIELDS = ("kl_q_policy", "kl_q_teacher", "ess_policy", "ess_teacher", "entropy_q")
+
+
+@dataclass
+class DualSample:
+    """Per sequence lists (one entry per generated token, the stop token included)."""
+
+    token_ids: list[list[int]]
+    logp_q: list[list[float]]  # log q*(y_t): the behaviour log-prob
+    logp_policy: list[list[float]]  # log pi_theta(y_t), full vocabulary, at the temperature
+    logp_teacher: list[list[float]]  # log pi_t(y_t), full vocabulary, at the temperature
+    alpha: list[list[float]]  # teacher weight used for y_t (1.0 when forced)
+    forced: list[list[bool]]
+    support_size: list[list[int]]
+    finish_reasons: list[str]  # "stop" | "length"
+    diagnostics: dict[str, list[list[float]]] = field(default_factory=dict)  # kl_q_policy, ..., entropy_q
+    texts: list[str] | None = None  # filled by `generate_text`
+
+    def row(self, i: int) -> dict:
+        """Sequence i as a JSON-ready dict."""
+        out = {name: getattr(self, name)[i] for name in ("token_ids", *TRACE_FIELDS, "forced", "support_size")}
+        out.update({name: values[i] for name, values in self.diagnostics.items()})
+        out["finish_reason"] = self.finish_reasons[i]
+        if self.texts is not None:
+            out["text"] = self.texts[i]
+        return out
+
+
+class DualSampler:
+    """Samples y_t ~ q*(. | policy context, teacher context) token by token.
+
+    1) pad each model's prompts on the left and prefill its KV cache (last-position logits only);
+    2) per step: `sample_step` on both models' logits (alpha, support, forcing, mixing, sampling);
+    3) feed the sampled token to both models (finished rows get a pad token and are masked out);
+    4) cut each row at its first stop token and return the traces as lists.
+    """
+
+    def __init__(
+        self,
+        policy_model: nn.Module,
+        teacher_model: nn.Module,
+        config: SamplerConfig | None = None,
+        tokenizer=None,
+        teacher_tokenizer=None,
+        vocab_size: int | None = None,
+    ):
+        self.policy, self.teacher = policy_model.eval(), teacher_model.eval()
+        self.config = config if config is not None else SamplerConfig()
+        self.vocab_size = resolve_vocab_size(policy_model, teacher_model, tokenizer, teacher_tokenizer, vocab_size)
+        self.device = next(policy_model.parameters()).device
+        teacher_device = next(teacher_model.parameters()).device
+        if teacher_device != self.device:
+            raise ValueError(f"policy is on {self.device} but teacher on {teacher_device}: put both on one device")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        policy_prompt_ids: list[list[int]],
+        teacher_prompt_ids: list[list[int]],
+        max_new_tokens: int,
+        seed: int | None = None,
+    ) -> DualSample:
+        """Batched lockstep decode. Row i continues policy_prompt_ids[i] for the policy and teacher_prompt_ids[i]
+        for the teacher with the same sampled tokens. Same seed and inputs -> same output."""
+        self._check_prompts(policy_prompt_ids, teacher_prompt_ids, max_new_tokens)
+        generator = torch.Generator(self.device).manual_seed(torch.seed() if seed is None else seed)
+        stop_ids = torch.tensor(self.config.stop_token_ids, dtype=torch.long, device=self.device)
+        # 1) prefill both caches
+        policy_state = _prefill(self.policy, policy_prompt_ids, self.device)
+        teacher_state = _prefill(self.teacher, teacher_prompt_ids, self.device)
+        B = len(policy_prompt_ids)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)  # (B,)
+        non_finite = torch.zeros(2, dtype=torch.bool, device=self.device)  # (policy, teacher) produced NaN/inf
+        records: list[StepRecord] = []
+        for step in range(max_new_tokens):
+            # 2) one token from q*
+            logits_p, logits_t = policy_state.logits[:, : self.vocab_size], teacher_state.logits[:, : self.vocab_size]
+            non_finite |= torch.stack([logits_p.isnan().any(), logits_t.isnan().any()])
+            record = sample_step(logits_p, logits_t, step, self.config, generator)
+            record.token = torch.where(finished, torch.zeros_like(record.token), record.token)  # (B,)
+            records.append(record)
+            finished = finished | torch.isin(record.token, stop_ids)  # (B,)
+            if step + 1 == max_new_tokens or bool(finished.all()):  # the reference path may sync once per step
+                break
+            # 3) both models read the token; finished rows are fed a pad token that their mask hides
+            _decode(self.policy, policy_state, record.token, ~finished)
+            _decode(self.teacher, teacher_state, record.token, ~finished)
+        _raise_if_non_finite(non_finite)
+        # 4) cut at stop tokens and convert to lists
+        return _assemble(records, self.config.stop_token_ids)
+
+    def generate_text(self, prompts: list[str], tokenizer, max_new_tokens: int, seed: int | None = None, **templates):
+        """Text in, text out: the policy sees `policy_template.format(prompt=...)`, the teacher its chat template.
+        Stops on `config.stop_token_ids` plus the tokenizers' EOS ids. `templates`: policy_template,
+        teacher_chat_template, system_prompt, teacher_tokenizer (see `prompts.build_dual_prompts`)."""
+        from .prompts import build_dual_prompts, stop_ids_for
+
+        teacher_tokenizer = templates.get("teacher_tokenizer") or tokenizer
+        policy_ids, teacher_ids = build_dual_prompts(prompts, tokenizer, **templates)
+        config = self.config.replace(stop_token_ids=stop_ids_for(self.config, tokenizer, teacher_tokenizer))
+        sampler = self if config == self.config else _with_config(self, config)
+        out = sampler.generate(policy_ids, teacher_ids, max_new_tokens, seed)
+        out.texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+        return out
+
+    def _check_prompts(self, policy_prompt_ids, teacher_prompt_ids, max_new_tokens):
+        if len(policy_prompt_ids) != len(teacher_prompt_ids):
+            raise ValueError(
+                f"policy_prompt_ids has {len(policy_prompt_ids)} prompts but teacher_prompt_ids has "
+                f"{len(teacher_prompt_ids)}: pass one policy prompt and one teacher prompt per sequence"
+            )
+        if not policy_prompt_ids:
+            raise ValueError("no prompts given: policy_prompt_ids and teacher_prompt_ids are empty")
+        for name, prompts in (("policy_prompt_ids", policy_prompt_ids), ("teacher_prompt_ids", teacher_prompt_ids)):
+            for i, ids in enumerate(prompts):
+                if len(ids) == 0:
+                    raise ValueError(f"{name}[{i}] is empty: every prompt needs at least one token")
+                bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
+                if bad:
+                    raise ValueError(f"{name}[{i}] has ids outside the shared vocabulary [0, {self.vocab_size}): {bad}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+
+
+def _with_config(sampler: DualSampler, config: SamplerConfig) -> DualSampler:
+    clone = object.__new__(DualSampler)
+    clone.__dict__.update(sampler.__dict__, config=config)
+    return clone
+
+
+def resolve_vocab_size(policy_model, teacher_model, tokenizer=None, teacher_tokenizer=None, vocab_size=None) -> int:
+    """The shared vocabulary size V: both models' logits are cut to their first V rows.
+    Padded embedding tables (e.g. 152,064 vs 151,936 rows) are fine when a tokenizer (or `vocab_size`) says how
+    many rows are real; different tokenizers, or a model smaller than the tokenizer, are errors."""
+    rows_p, rows_t = _output_rows(policy_model), _output_rows(teacher_model)
+    if (
+        tokenizer is not None
+        and teacher_tokenizer is not None
+        and tokenizer.get_vocab() != teacher_tokenizer.get_vocab()
+    ):
+        raise ValueError(
+            f"the policy and teacher tokenizers have different vocabularies ({len(tokenizer)} vs "
+            f"{len(teacher_tokenizer)} tokens, or the same size with other ids): q* mixes two distributions over "
+            "one vocabulary, so use a teacher from the same tokenizer family as the policy"
+        )
+    if vocab_size is None and tokenizer is not None:
+        vocab_size = len(tokenizer)
+    if vocab_size is None:
+        if rows_p != rows_t:
+            raise ValueError(
+                f"the policy has {rows_p} output rows and the teacher {rows_t}: pass tokenizer= (or vocab_size=) so "
+                "that padded rows can be cut to the shared tokenizer size"
+            )
+        return rows_p
+    if vocab_size > min(rows_p, rows_t):
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens but the policy has {rows_p} output rows and the teacher {rows_t}: "
+            "the models do not cover this tokenizer's vocabulary (wrong checkpoint or tokenizer?)"
+        )
+    return vocab_size
+
+
+def _output_rows(model: nn.Module) -> int:
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+@dataclass
+class _ModelState:
+    """One model's decode state: cache, attention mask, next positions and the latest next-token logits."""
+
+    cache: object
+    attention_mask: Tensor  # (B, L) 1 = real token
+    next_position: Tensor  # (B,) position id of the next token
+    logits: Tensor  # (B, V_rows) float32 next-token logits
+
+
+def _prefill(model: nn.Module, prompts: list[list[int]], device: torch.device) -> _ModelState:
+    """Left-pad, run the prompt once, keep the cache and the last position's logits only."""
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long, device=device)  # (B, L)
+    mask = torch.zeros_like(ids)  # (B, L)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+        mask[i, L - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, L) per-row positions, 0 on the padding
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return _ModelState(out.past_key_values, mask, mask.sum(-1), out.logits[:, -1].float())
+
+
+def _decode(model: nn.Module, state: _ModelState, token: Tensor, active: Tensor) -> None:
+    """Feed one token per row; rows that are no longer active are masked out of attention."""
+    state.attention_mask = torch.cat([state.attention_mask, active.long().unsqueeze(-1)], dim=-1)  # (B, L + 1)
+    out = model(
+        input_ids=token.unsqueeze(-1),  # (B, 1)
+        attention_mask=state.attention_mask,
+        position_ids=state.next_position.unsqueeze(-1),  # (B, 1)
+        past_key_values=state.cache,
+        use_cache=True,
+    )
+    state.cache, state.logits = out.past_key_values, out.logits[:, -1].float()
+    state.next_position = state.next_position + 1
+
+
+def _raise_if_non_finite(non_finite: Tensor) -> None:
+    bad = [name for name, flag in zip(("policy", "teacher"), non_finite.tolist(), strict=True) if flag]
+    if bad:
+        raise FloatingPointError(
+            f"the {' and '.join(bad)} model produced NaN logits: check the checkpoint's dtype (fp16 overflow?) and "
+            "weights; the sample was discarded"
+        )
+
+
+def _assemble(records: list[StepRecord], stop_token_ids: tuple[int, ...]) -> DualSample:
+    """Stack the per-step records (T of them) and cut each row after its first stop token."""
+    stacked = {
+        name: torch.stack([getattr(r, name) for r in records], dim=1).tolist()
+        for name in ("token", *TRACE_FIELDS, "forced", "support_size")
+    }  # each (B, T)
+    diag = {name: torch.stack([r.diagnostics[name] for r in records], dim=1).tolist() for name in DIAGNOSTIC_FIELDS}
+    stop = set(stop_token_ids)
+    lengths, reasons = [], []
+    for row in stacked["token"]:
+        end = next((t + 1 for t, tok in enumerate(row) if tok in stop), None)
+        lengths.append(len(row) if end is None else end)
+        reasons.append("length" if end is None else "stop")
+    cut = lambda rows: [r[:n] for r, n in zip(rows, lengths, strict=True)]  # noqa: E731
+    return DualSample(
+        token_ids=cut(stacked["token"]),
+        **{name: cut(stacked[name]) for name in (*TRACE_FIELDS, "forced", "support_size")},
+        finish_reasons=reasons,
+        diagnostics={name: cut(values) for name, values in diag.items()},
+    )
