@@ -35,6 +35,13 @@ class DualSample:
     diagnostics: dict[str, list[list[float]]] = field(default_factory=dict)  # kl_q_policy, ..., entropy_q
     texts: list[str] | None = None  # filled by `generate_text`
 
+    def flat_traces(self) -> dict[str, list]:
+        """Every per-token trace flattened over all sequences (input of `metrics.reduce_metrics`)."""
+        names = (*TRACE_FIELDS, "forced", "support_size")
+        flat = {name: [x for seq in getattr(self, name) for x in seq] for name in names}
+        flat.update({name: [x for seq in values for x in seq] for name, values in self.diagnostics.items()})
+        return flat
+
     def row(self, i: int) -> dict:
         """Sequence i as a JSON-ready dict."""
         out = {name: getattr(self, name)[i] for name in ("token_ids", *TRACE_FIELDS, "forced", "support_size")}
