@@ -15,7 +15,8 @@ def reduce_metrics(traces: dict[str, Tensor | list], prefix: str = PREFIX) -> di
     support_size, kl_q_policy, kl_q_teacher, ess_policy, ess_teacher, entropy_q, logp_q, logp_policy.
     alpha statistics cover the tokens whose alpha was solved (forced tokens have alpha = 1 by definition and are
     counted by forced_frac); `kl_sym_err` is mean |KL(q||pi_theta) - KL(q||pi_t)| over those tokens, ~0 for
-    kl_symmetry without a support constraint; `ess_ratio` is the geometric mean of ESS_theta / ESS_t. `is_weight_*` describe pi_theta(y)/q*(y), the raw importance weight."""
+    kl_symmetry without a support constraint; `ess_ratio` is the geometric mean of ESS_theta / ESS_t.
+    `is_weight_*` describe pi_theta(y)/q*(y), the raw importance weight."""
     t = {k: torch.as_tensor(v).flatten() for k, v in traces.items()}
     if t["alpha"].numel() == 0:
         return {}
@@ -24,6 +25,7 @@ def reduce_metrics(traces: dict[str, Tensor | list], prefix: str = PREFIX) -> di
     alpha = t["alpha"].double()[free] if free.any() else t["alpha"].double()  # (N_free,)
     q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     p10, p50, p90 = torch.quantile(alpha, q).tolist()
+    kl_gap = (t["kl_q_policy"].double() - t["kl_q_teacher"].double()).abs()  # (N,)
     log_w = t["logp_policy"].double() - t["logp_q"].double()  # (N,)
     log_ess_ratio = t["ess_policy"].double().log() - t["ess_teacher"].double().log()  # (N,)
     out = {
@@ -36,9 +38,7 @@ def reduce_metrics(traces: dict[str, Tensor | list], prefix: str = PREFIX) -> di
         "support_size_mean": t["support_size"].double().mean(),
         "kl_q_policy": t["kl_q_policy"].double().mean(),
         "kl_q_teacher": t["kl_q_teacher"].double().mean(),
-        "kl_sym_err": (t["kl_q_policy"].double() - t["kl_q_teacher"].double())[free].abs().mean()
-        if free.any()
-        else 0.0,
+        "kl_sym_err": kl_gap[free].mean() if free.any() else 0.0,
         "ess_policy": t["ess_policy"].double().mean(),
         "ess_teacher": t["ess_teacher"].double().mean(),
         "ess_ratio": log_ess_ratio.mean().exp(),  # geometric mean of ESS_theta / ESS_t: 1 = balanced
