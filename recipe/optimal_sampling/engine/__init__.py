@@ -2,7 +2,7 @@
 
 from .config import PRESETS, SamplerConfig
 from .prompts import build_dual_prompts, stop_ids_for
-from .sampler import DualSample, DualSampler, resolve_vocab_size
+from .sampler import DualSample, DualSampler, check_shared_vocabulary, resolve_vocab_size
 from .step import StepRecord, sample_step
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "SamplerConfig",
     "StepRecord",
     "build_dual_prompts",
+    "check_shared_vocabulary",
     "resolve_vocab_size",
     "sample_step",
     "stop_ids_for",

@@ -14,7 +14,8 @@ def build_dual_prompts(
     system_prompt: str | None = None,
     teacher_tokenizer=None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of each prompt for the policy (`policy_template.format(prompt=p)`, no special tokens added) and
+    """Token ids of each prompt for the policy (`policy_template` with "{prompt}" replaced by the prompt; other braces
+    are kept literally; no special tokens added) and
     for the teacher (a user turn, plus an optional system turn, through the teacher's chat template with the
     generation prompt). `teacher_chat_template` (a Jinja string) replaces the tokenizer's own."""
     teacher_tokenizer = teacher_tokenizer or tokenizer
@@ -29,7 +30,7 @@ def build_dual_prompts(
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"prompt {i} is empty or not a string: {p!r}")
-    policy_ids = [tokenizer.encode(policy_template.format(prompt=p), add_special_tokens=False) for p in prompts]
+    policy_ids = [tokenizer.encode(policy_template.replace("{prompt}", p), add_special_tokens=False) for p in prompts]
     teacher_ids = []
     for p in prompts:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [

@@ -159,16 +159,8 @@ def resolve_vocab_size(policy_model, teacher_model, tokenizer=None, teacher_toke
     Padded embedding tables (e.g. 152,064 vs 151,936 rows) are fine when a tokenizer (or `vocab_size`) says how
     many rows are real; different tokenizers, or a model smaller than the tokenizer, are errors."""
     rows_p, rows_t = _output_rows(policy_model), _output_rows(teacher_model)
-    if (
-        tokenizer is not None
-        and teacher_tokenizer is not None
-        and tokenizer.get_vocab() != teacher_tokenizer.get_vocab()
-    ):
-        raise ValueError(
-            f"the policy and teacher tokenizers have different vocabularies ({len(tokenizer)} vs "
-            f"{len(teacher_tokenizer)} tokens, or the same size with other ids): q* mixes two distributions over "
-            "one vocabulary, so use a teacher from the same tokenizer family as the policy"
-        )
+    if tokenizer is not None and teacher_tokenizer is not None:
+        check_shared_vocabulary(tokenizer, teacher_tokenizer)
     if vocab_size is None and tokenizer is not None:
         vocab_size = len(tokenizer)
     if vocab_size is None:
@@ -184,6 +176,16 @@ def resolve_vocab_size(policy_model, teacher_model, tokenizer=None, teacher_toke
             "the models do not cover this tokenizer's vocabulary (wrong checkpoint or tokenizer?)"
         )
     return vocab_size
+
+
+def check_shared_vocabulary(tokenizer, teacher_tokenizer) -> None:
+    """Raise unless the two tokenizers map the same strings to the same ids (cheap: call before loading weights)."""
+    if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(
+            f"the policy and teacher tokenizers have different vocabularies ({len(tokenizer)} vs "
+            f"{len(teacher_tokenizer)} tokens, or the same size with other ids): q* mixes two distributions over "
+            "one vocabulary, so use a teacher from the same tokenizer family as the policy"
+        )
 
 
 def _output_rows(model: nn.Module) -> int:
