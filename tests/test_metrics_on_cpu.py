@@ -10,7 +10,9 @@ def test_metrics_from_a_real_sample_have_the_documented_names_and_values():
     policy, teacher = tiny_qwen3(0, 32, 8.0), tiny_qwen3(1, 32, 8.0)
     out = DualSampler(policy, teacher, SamplerConfig.preset("balanced")).generate([[1, 2], [3]], [[4], [5, 6]], 6, 0)
     metrics = reduce_metrics(out.flat_traces())
-    alpha_free = [a for seq, f in zip(out.alpha, out.forced, strict=True) for a, x in zip(seq, f, strict=True) if not x]
+    rows = zip(out.alpha, out.forced, out.support_size, strict=True)
+    alpha_free = [a for seq, f, s in rows for a, x, n in zip(seq, f, s, strict=True) if not x and n > 1]
+    assert 0 < len(alpha_free) < 12
     assert metrics["optimal_sampling/alpha_mean"] == pytest.approx(sum(alpha_free) / len(alpha_free))
     assert metrics["optimal_sampling/forced_frac"] == pytest.approx(2 / 12)  # first token of each of 2 rows
     assert metrics["optimal_sampling/num_tokens"] == 12

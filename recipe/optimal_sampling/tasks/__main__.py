@@ -1,0 +1,6 @@
+"""`python -m recipe.optimal_sampling.tasks [--retrain] [--cache-dir DIR]`: train (or load) the task models."""
+
+from recipe.optimal_sampling.tasks.models import main
+
+if __name__ == "__main__":
+    main()

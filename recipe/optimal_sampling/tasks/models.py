@@ -1,0 +1,374 @@
+"""Tiny Qwen3 models trained from scratch on the addition task: a strong teacher and a weak policy.
+
+Owns: the two model sizes (`tiny_qwen3_config`), the training recipe (`TrainConfig`, `train_model`) and
+the on-disk cache (`load_task_models`). The teacher learns from chat-template prompts, the policy from the
+plain prompt; both learn the same completion (reversed sum + `<eos>`, see `addition.py`), with the loss
+on the completion tokens only.
+
+Training stops early once the accuracy on `n_eval` held-aside *train-split* problems reaches
+`target_accuracy` (the test split is never looked at). Tiny models learn addition in sudden jumps after
+plateaus of seed-dependent length, so a target is what makes the outcome robust: the teacher trains until
+it is right (>= 98%), the policy only until it first reaches 15%. The policy is also small (2 layers of
+width 32): before its jump it sits on a plateau at about 10% (it gets most digits right but not the
+carries), so even when it never jumps within its step budget it stays weak, and well-formed.
+
+Measured with the default configs (torch 2.13 CPU, transformers 5.10; test = make_problems(200, seed=0,
+split="test"), greedy decoding; steps and accuracies were identical on both machines below):
+    teacher  3 layers x 48, 86k params: stops at step 700, test accuracy 98.5%, 44 s
+    policy   2 layers x 32, 27k params: stops at step 650, test accuracy 16.5% (200/200 well-formed), 20 s
+    both: 64 s of training, 77 s for the whole command, on 2 idle cores of an Intel Xeon (`taskset -c 2,3`);
+          86 s / 96 s on a 2-core dev box shared with other jobs.
+    (greedy decoding from a fixed 50/50 geometric mixture of the two, each on its own prompt: 99.5%)
+One torch thread per model: on the shared 2-core box, 2 intra-op threads made these tiny steps slower.
+Command: `python -m recipe.optimal_sampling.tasks --retrain` (trains, saves and evaluates; prints meta.json).
+
+Knows nothing about the sampler, the mixture or verl.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from recipe.optimal_sampling.tasks.addition import ROLES, Problem, completion_text, make_problems, prompt
+from recipe.optimal_sampling.tasks.evaluate import role_accuracy
+from recipe.optimal_sampling.tasks.tokenizer import build_tokenizer
+
+# Per-role sizes: the teacher has 3 layers of width 48, the policy 2 layers of width 32.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "teacher": dict(hidden_size=48, intermediate_size=144, num_hidden_layers=3, head_dim=12),
+    "policy": dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, head_dim=8),
+}
+VAL_SEED_OFFSET = 10**12  # validation problems use seed VAL_SEED_OFFSET + cfg.seed, far from any batch seed
+
+
+def check_role(role: str) -> None:
+    """Raise a ValueError unless `role` is "policy" or "teacher"."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role=!r}")
+
+
+def tiny_qwen3_config(vocab_size: int, role: str, pad_token_id: int = 0, eos_token_id: int = 1) -> Qwen3Config:
+    """A tiny `Qwen3Config` for `role` (see MODEL_SIZES): 4 heads, 2 KV heads, 128 positions, tied embeddings."""
+    check_role(role)
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {vocab_size=}")
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        **MODEL_SIZES[role],
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one model is trained: AdamW, linear warmup then cosine decay to 10% of `lr` over `steps`."""
+
+    steps: int = field(metadata={"help": "maximum optimizer steps (fewer when target_accuracy is reached)"})
+    seed: int = field(default=0, metadata={"help": "seeds the weights and the training problems"})
+    batch_size: int = field(default=64, metadata={"help": "problems per step (fresh train-split draws)"})
+    lr: float = field(default=5e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
+    n_digits: int = field(default=3, metadata={"help": "digits per operand"})
+    target_accuracy: float | None = field(default=None, metadata={"help": "stop once validation acc >= this"})
+    eval_every: int = field(default=100, metadata={"help": "steps between validation checks"})
+    n_eval: int = field(default=200, metadata={"help": "validation problems (train split, own seed stream)"})
+    num_threads: int = field(default=1, metadata={"help": "torch threads; tiny models lose time to threading"})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "n_digits", "eval_every", "n_eval", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ValueError(f"TrainConfig.target_accuracy must be in (0, 1] or None, got {self.target_accuracy}")
+
+
+DEFAULT_TRAIN_CONFIGS: dict[str, TrainConfig] = {
+    "teacher": TrainConfig(steps=2000, seed=0, lr=5e-3, target_accuracy=0.98, eval_every=100),
+    "policy": TrainConfig(steps=3000, seed=1, lr=3e-3, target_accuracy=0.15, eval_every=25, n_eval=400),
+}
+
+
+@dataclass
+class TrainResult:
+    """What `train_model` returns: the model (eval mode, CPU, float32) and how training went."""
+
+    model: Qwen3ForCausalLM
+    losses: list[float]  # one per step
+    val_accuracy: list[tuple[int, float]]  # (step, accuracy) at every validation check
+    steps: int  # steps run (< cfg.steps when the target was reached)
+    seconds: float  # wall time of training, validation checks included
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run the block under `torch.set_num_threads(num_threads)`, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def encode_examples(
+    problems: Sequence[Problem], role: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Tensor, Tensor]:
+    """Prompt + completion ids, right-padded, and labels that are -100 except on the completion.
+
+    Returns input_ids (B, T) int64 and labels (B, T) int64. Right padding needs no attention mask in a
+    causal model: pads only follow the real tokens, and their labels are ignored."""
+    rows, labels = [], []
+    for problem in problems:
+        prompt_ids = tokenizer.encode(prompt(role, problem.question, tokenizer), add_special_tokens=False)
+        completion_ids = tokenizer.encode(completion_text(problem), add_special_tokens=False)
+        rows.append(prompt_ids + completion_ids)
+        labels.append([-100] * len(prompt_ids) + completion_ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])  # (B, T)
+    label_ids = torch.tensor([r + [-100] * (width - len(r)) for r in labels])  # (B, T)
+    return input_ids, label_ids
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at `step`: linear warmup over `warmup_steps`, then cosine down to 0.1."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def batch_seed(seed: int, step: int) -> int:
+    """The `make_problems` seed of training step `step` (1-based) of a run seeded `seed`."""
+    return seed * 1_000_003 + step - 1
+
+
+def new_model(role: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> Qwen3ForCausalLM:
+    """A freshly initialised (seeded) tiny Qwen3 for `role`, sized for `tokenizer`."""
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(tiny_qwen3_config(len(tokenizer), role, tokenizer.pad_token_id, tokenizer.eos_token_id))
+
+
+def train_model(role: str, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train a fresh tiny Qwen3 for `role` on the addition task; deterministic in `cfg` (same machine type)."""
+    check_role(role)
+    start = time.perf_counter()
+    with torch_threads(cfg.num_threads):
+        # 1) model, optimizer, schedule, validation problems
+        model = new_model(role, tokenizer, cfg.seed).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+        val_problems = make_problems(cfg.n_eval, seed=VAL_SEED_OFFSET + cfg.seed, n_digits=cfg.n_digits)
+        # 2) steps on fresh train-split problems, a validation check every `eval_every` steps
+        losses: list[float] = []
+        val_accuracy: list[tuple[int, float]] = []
+        bar = tqdm(range(1, cfg.steps + 1), desc=f"train {role}", disable=not progress, mininterval=1.0)
+        for step in bar:
+            problems = make_problems(cfg.batch_size, seed=batch_seed(cfg.seed, step), n_digits=cfg.n_digits)
+            input_ids, labels = encode_examples(problems, role, tokenizer)  # (B, T), (B, T)
+            loss = model(input_ids=input_ids, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val_accuracy.append((step, role_accuracy(model, tokenizer, role, val_problems)))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{val_accuracy[-1][1]:.2f}")
+                # 3) stop early once the target is reached
+                if cfg.target_accuracy is not None and val_accuracy[-1][1] >= cfg.target_accuracy:
+                    break
+        bar.close()
+    return TrainResult(model.eval(), losses, val_accuracy, len(losses), time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The on-disk cache of the trained pair
+
+CACHE_ENV = "OPTIMAL_SAMPLING_CACHE"
+CACHE_NAME = "task_models_v1"
+CACHE_VERSION = 1
+N_TEST = 200  # held-out test problems evaluated after training (recorded in meta.json)
+
+
+def default_cache_dir() -> Path:
+    """`$OPTIMAL_SAMPLING_CACHE/task_models_v1` when the variable is set, else
+    `~/.cache/optimal_sampling/task_models_v1`."""
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "optimal_sampling") / CACHE_NAME
+
+
+@dataclass
+class TaskModels:
+    """The trained pair, loaded from the cache (eval mode), with where it lives."""
+
+    policy: PreTrainedModel
+    teacher: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    policy_path: Path  # a `save_pretrained` directory: model + tokenizer
+    teacher_path: Path
+    n_digits: int  # digits per operand the pair was trained on
+    trained: bool  # True when this call trained the pair, False when it came from the cache
+    meta: dict = field(default_factory=dict)  # the cache's meta.json: configs, steps, seconds, test accuracy
+
+
+def cache_key(configs: dict[str, TrainConfig]) -> dict:
+    """What a cache must have been trained with to be reused: version, model sizes, train configs."""
+    return {
+        "version": CACHE_VERSION,
+        "model_sizes": MODEL_SIZES,
+        "train_configs": {role: asdict(cfg) for role, cfg in configs.items()},
+    }
+
+
+def train_and_save(out_dir: Path, configs: dict[str, TrainConfig], progress: bool = True) -> dict:
+    """Train both roles, save each to `out_dir/<role>` (model + tokenizer), write and return meta.json."""
+    tokenizer = build_tokenizer()
+    meta = {**cache_key(configs), "results": {}}
+    for role in ("teacher", "policy"):
+        cfg = configs[role]
+        result = train_model(role, tokenizer, cfg, progress=progress)
+        result.model.save_pretrained(out_dir / role)
+        tokenizer.save_pretrained(out_dir / role)
+        with torch_threads(cfg.num_threads):
+            test_accuracy = role_accuracy(result.model, tokenizer, role, make_problems(N_TEST, 0, cfg.n_digits, "test"))
+        meta["results"][role] = {
+            "steps": result.steps,
+            "train_seconds": round(result.seconds, 2),
+            "final_loss": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 5),
+            "val_accuracy": [list(check) for check in result.val_accuracy],
+            "test_accuracy": test_accuracy,
+        }
+    meta["train_seconds_total"] = round(sum(r["train_seconds"] for r in meta["results"].values()), 2)
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move the finished `tmp` cache to `final` by renames (atomic on one filesystem)."""
+    if final.exists():  # retrain: set the old cache aside, then swap
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        final.rename(old / final.name)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        tmp.rename(final)
+    except OSError:  # another process published a cache first: keep theirs
+        if not (final / "meta.json").exists():
+            raise
+
+
+def _read_cache(final: Path, configs: dict[str, TrainConfig]) -> dict | None:
+    """The cache's meta.json when `final` holds a complete cache trained with `configs`, else None."""
+    if not (final / "meta.json").exists():
+        return None
+    meta = json.loads((final / "meta.json").read_text())
+    key = json.loads(json.dumps(cache_key(configs)))  # JSON-normalised, as stored
+    if {k: meta.get(k) for k in key} != key:
+        raise ValueError(
+            f"the cache at {final} was trained with other settings ({meta.get('train_configs')}); "
+            f"pass retrain=True to overwrite it, or another cache_dir"
+        )
+    return meta
+
+
+def load_task_models(
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    retrain: bool = False,
+    teacher_cfg: TrainConfig | None = None,
+    policy_cfg: TrainConfig | None = None,
+    progress: bool = True,
+) -> TaskModels:
+    """The trained teacher/policy pair: read from `cache_dir`, or trained (on CPU) and cached there first.
+
+    cache_dir: None means `default_cache_dir()`. Training writes into a temporary sibling directory that
+    is renamed into place when complete, so an interrupted run never leaves a half-written cache.
+    teacher_cfg / policy_cfg: None means DEFAULT_TRAIN_CONFIGS; a cache trained otherwise is an error."""
+    # 1) settings and where the cache lives
+    configs = {
+        "teacher": teacher_cfg or DEFAULT_TRAIN_CONFIGS["teacher"],
+        "policy": policy_cfg or DEFAULT_TRAIN_CONFIGS["policy"],
+    }
+    if configs["teacher"].n_digits != configs["policy"].n_digits:
+        raise ValueError(
+            f"teacher and policy must share n_digits, got {configs['teacher'].n_digits} and "
+            f"{configs['policy'].n_digits}"
+        )
+    final = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    meta = None if retrain else _read_cache(final, configs)
+    # 2) train into a temporary directory and publish it, unless a matching cache exists
+    trained = meta is None
+    if trained:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            meta = train_and_save(tmp, configs, progress)
+            _publish(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # 3) load both from disk onto `device`
+    paths = {role: final / role for role in ROLES}
+    models = {role: AutoModelForCausalLM.from_pretrained(paths[role]).to(device).eval() for role in ROLES}
+    tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
+    return TaskModels(
+        models["policy"],
+        models["teacher"],
+        tokenizer,
+        paths["policy"],
+        paths["teacher"],
+        configs["teacher"].n_digits,
+        trained,
+        meta,
+    )
+
+
+def main() -> None:
+    """Train (or load) the task models and print how training went: `python -m recipe.optimal_sampling.tasks`."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--cache-dir", default=None, help="default: $OPTIMAL_SAMPLING_CACHE or ~/.cache/...")
+    parser.add_argument("--retrain", action="store_true", help="train even when a cache exists")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    task = load_task_models(args.cache_dir, retrain=args.retrain)
+    print(json.dumps({role: task.meta["results"][role] for role in ("teacher", "policy")}, indent=1))
+    print(
+        f"trained={task.trained} train_seconds_total={task.meta['train_seconds_total']} "
+        f"wall_seconds={time.perf_counter() - start:.1f} path={task.teacher_path.parent}"
+    )
+
+
+if __name__ == "__main__":
+    main()
