@@ -19,6 +19,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "ruff"],
+        # The `dual` rollout backend for verl's PPO/GRPO trainer. The verl-core extra brings what 0.9.1 imports at
+        # run time (TransferQueue, cachetools, uvicorn, fastapi, pyzmq, msgspec); plain `verl` lacks them.
+        "verl": ["verl[verl-core]==0.9.1", "pandas", "pyarrow"],
     },
-    entry_points={"console_scripts": ["optimal-sampling=recipe.optimal_sampling.cli:main"]},
+    entry_points={
+        "console_scripts": ["optimal-sampling=recipe.optimal_sampling.cli:main"],
+        # Loaded by `import verl` in every verl process: registers rollout name `dual` (lazy loaders only).
+        "verl.plugins": ["optimal_sampling = recipe.optimal_sampling.verl.plugin"],
+    },
 )

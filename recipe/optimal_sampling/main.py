@@ -1,0 +1,54 @@
+"""Hydra entry point for training with optimal sampling: `python -m recipe.optimal_sampling.main [overrides]`.
+
+Composes config/optimal_sampling_trainer.yaml (verl's ppo_trainer + the `dual` backend + a `sampler` preset),
+refuses configs under which the importance weights would be wrong, and runs verl's v1 trainer.
+"""
+
+import os
+
+import hydra
+import ray
+from omegaconf import DictConfig, open_dict
+from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+from verl.trainer.ppo.utils import need_critic, need_reference_policy
+from verl.utils.config import validate_config
+from verl.utils.device import auto_set_device
+
+from recipe.optimal_sampling.verl.config import check_teacher, check_trainer_config
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "config")
+
+
+@ray.remote(num_cpus=1)
+class OptimalSamplingTaskRunner(TaskRunnerV1.__ray_metadata__.modified_class.__ray_actor_class__):
+    """Differs from verl's TaskRunnerV1 only in importing the recipe's trainer first, which registers
+    `trainer.v1.trainer_mode=optimal_sampling_sync` in the task runner's process."""
+
+    def run(self, config: DictConfig):
+        import recipe.optimal_sampling.verl.trainer  # noqa: F401  (registration side effect)
+
+        return super().run(config)
+
+
+def prepare_config(config: DictConfig) -> None:
+    """The recipe's refusals (ValueError), the agent-loop registry file, then verl's own checks."""
+    rollout = config.actor_rollout_ref.rollout
+    if not rollout.agent.agent_loop_config_path:
+        with open_dict(config):
+            rollout.agent.agent_loop_config_path = os.path.join(CONFIG_DIR, "agent_loops.yaml")
+    os_config = check_trainer_config(config)
+    if os_config is not None:
+        model = config.actor_rollout_ref.model
+        check_teacher(os_config, model.get("tokenizer_path") or model.path)
+    auto_set_device(config)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+
+
+@hydra.main(config_path="../../config", config_name="optimal_sampling_trainer", version_base=None)
+def main(config: DictConfig) -> None:
+    prepare_config(config)
+    run_ppo(config, task_runner_class=OptimalSamplingTaskRunner)
+
+
+if __name__ == "__main__":
+    main()

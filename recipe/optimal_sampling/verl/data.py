@@ -1,0 +1,61 @@
+"""The synthetic addition task in verl's formats: parquet datasets (chat `prompt`, `reward_model.ground_truth`)
+and the tiny teacher/policy HF checkpoints, for the end-to-end runs.
+
+`python -m recipe.optimal_sampling.verl.data --out DIR` writes DIR/{train,test}.parquet and, unless they exist,
+trains and saves DIR/models/{policy,teacher} (a few minutes on a CPU). Knows nothing about verl's internals.
+"""
+
+import argparse
+import os
+
+import pandas as pd
+
+from recipe.optimal_sampling.tasks.addition import make_problems, teacher_messages
+
+DATA_SOURCE = "optimal_sampling/addition"
+POLICY_TEMPLATE = "Q: {prompt}\nA: "  # = tasks.addition.policy_prompt; the teacher uses its chat template
+
+
+def write_datasets(out_dir: str, n_train: int = 512, n_test: int = 64, n_digits: int = 3, seed: int = 0) -> dict:
+    """DIR/train.parquet and DIR/test.parquet in verl's RLHFDataset layout. Returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = [
+            {
+                "data_source": DATA_SOURCE,
+                "prompt": teacher_messages(p.question),  # one user turn: "347+285"
+                "ability": "arithmetic",
+                "reward_model": {"style": "rule", "ground_truth": p.answer},
+                "extra_info": {"split": split, "index": i},
+            }
+            for i, p in enumerate(make_problems(n, seed=seed, n_digits=n_digits, split=split))
+        ]
+        paths[split] = os.path.join(out_dir, f"{split}.parquet")
+        pd.DataFrame(rows).to_parquet(paths[split])
+    return paths
+
+
+def write_checkpoints(out_dir: str) -> dict:
+    """The task's trained tiny teacher/policy pair as HF checkpoints (model + tokenizer), cached under
+    DIR/models by `tasks.models.load_task_models` (trained on the CPU when absent). Returns their paths."""
+    from recipe.optimal_sampling.tasks.models import load_task_models
+
+    task = load_task_models(cache_dir=os.path.join(out_dir, "models"))
+    return {"policy": str(task.policy_path), "teacher": str(task.teacher_path), "meta": task.meta.get("results")}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--n-train", type=int, default=512)
+    parser.add_argument("--n-test", type=int, default=64)
+    parser.add_argument("--skip-models", action="store_true", help="write the datasets only")
+    args = parser.parse_args(argv)
+    print(write_datasets(args.out, args.n_train, args.n_test))
+    if not args.skip_models:
+        print(write_checkpoints(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""`OptimalSamplingTrainer`: verl's v1 sync trainer plus the `optimal_sampling/*` metrics of each step, registered
+as `trainer.v1.trainer_mode=optimal_sampling_sync`.
+
+Differs from `PPOTrainerSync` only in `_compute_metrics`: it also reads the per-token traces that `DualAgentLoop`
+wrote into TransferQueue (before verl clears them), reduces them with `metrics.reduce_metrics`, adds the
+server-vs-trainer log-prob gap, and every `plot_freq` steps sends alpha plots to W&B. verl's own
+`rollout_corr/*` metrics come from its `_compute_advantage`. The maths of the reduction lives in
+`step_metrics` (a function of tensors, tested on CPU).
+"""
+
+import numpy as np
+import torch
+import transfer_queue as tq
+from torch import Tensor
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+from ..metrics import PREFIX, reduce_metrics
+from . import TRAINER_MODE
+from .agent_loop import TRACE_FIELDS
+from .config import OptimalSamplingConfig
+from .server import TRACE_PREFIX
+
+
+def step_metrics(fields: dict[str, Tensor], response_mask: Tensor) -> dict[str, float]:
+    """`optimal_sampling/*` scalars of one batch. fields: (B, T) padded tensors `dual_*`, `rollout_log_probs`
+    (log q*) and `old_log_probs` (the trainer's log pi_theta_old); response_mask: (B, T), 1 on response tokens."""
+    on = response_mask.bool()  # (B, T)
+    flat = {name[len(TRACE_PREFIX) :]: fields[name][on] for name in TRACE_FIELDS}  # each (N,)
+    flat["logp_q"] = fields["rollout_log_probs"][on]  # (N,)
+    out = reduce_metrics(flat)
+    if "old_log_probs" in fields:
+        gap = (flat["logp_policy"].double() - fields["old_log_probs"][on].double()).abs()  # (N,)
+        out[PREFIX + "logp_policy_server_vs_trainer"] = float(gap.mean()) if gap.numel() else 0.0
+    return out
+
+
+def padded(data, names: list[str]) -> dict[str, Tensor]:
+    """(B, T) zero-padded tensors of the per-token `names` of a TensorDict read from TransferQueue, whose fields
+    are jagged nested tensors (or plain (B, T) tensors when every row has the same length)."""
+    return {
+        name: torch.nested.to_padded_tensor(data[name], 0.0) if data[name].is_nested else data[name] for name in names
+    }
+
+
+def alpha_figure(alpha: Tensor, response_mask: Tensor):
+    """Histogram of alpha over all tokens, and mean alpha (with p10-p90 band) by response position."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    on = response_mask.bool()  # (B, T)
+    fig, (ax_hist, ax_pos) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_hist.hist(alpha[on].numpy(), bins=40, range=(0, 1))
+    ax_hist.set(xlabel="alpha (teacher weight)", ylabel="tokens", title="alpha over tokens")
+    columns = [alpha[on[:, t], t] for t in range(alpha.shape[1]) if on[:, t].any()]
+    if columns:
+        q = torch.stack(
+            [torch.quantile(c.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)) for c in columns]
+        )
+        pos = np.arange(len(columns))
+        ax_pos.plot(pos, [float(c.mean()) for c in columns], label="mean")
+        ax_pos.fill_between(pos, q[:, 0].numpy(), q[:, 2].numpy(), alpha=0.3, label="p10-p90")
+        ax_pos.legend()
+    ax_pos.set(xlabel="response position", ylabel="alpha", ylim=(0, 1), title="alpha by position")
+    fig.tight_layout()
+    return fig
+
+
+@register_trainer(TRAINER_MODE)
+class OptimalSamplingTrainer(PPOTrainerSync):
+    """Sync trainer for the `dual` backend (trainer and servers share the GPUs; weights synced every step)."""
+
+    def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        # Differs from the base: adds optimal_sampling/* from the traces (TransferQueue is cleared right after).
+        super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
+        select = [*TRACE_FIELDS, "rollout_log_probs", "old_log_probs", "response_mask"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=select)
+        keep = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])  # (B,)
+        fields = {name: value[keep] for name, value in padded(data, select).items()}  # each (B', T)
+        metrics.update(step_metrics(fields, fields["response_mask"]))
+        self._log_alpha_plots(fields, global_steps)
+
+    def _log_alpha_plots(self, fields: dict[str, Tensor], global_steps: int) -> None:
+        freq = OptimalSamplingConfig.from_engine_kwargs(
+            self.config.actor_rollout_ref.rollout.get("engine_kwargs")
+        ).plot_freq
+        wandb = getattr(self, "logger", None) and self.logger.logger.get("wandb")
+        if not wandb or freq <= 0 or global_steps % freq:
+            return
+        import matplotlib.pyplot as plt
+
+        alpha, mask = fields[TRACE_PREFIX + "alpha"], fields["response_mask"]
+        fig = alpha_figure(alpha, mask)
+        wandb.log(
+            {
+                PREFIX + "alpha_hist": wandb.Histogram(alpha[mask.bool()].numpy()),
+                PREFIX + "alpha_plots": wandb.Image(fig),
+            },
+            step=global_steps,
+        )
+        plt.close(fig)

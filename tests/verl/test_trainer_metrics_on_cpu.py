@@ -1,0 +1,111 @@
+"""The trainer's per-step reduction of the traces into optimal_sampling/* metrics, the alpha plots through a real
+offline W&B run (verl's Tracking), and the task reward in verl's custom-reward format."""
+
+import glob
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from recipe.optimal_sampling.metrics import reduce_metrics
+from recipe.optimal_sampling.verl.agent_loop import TRACE_FIELDS
+from recipe.optimal_sampling.verl.reward import compute_score
+from recipe.optimal_sampling.verl.trainer import OptimalSamplingTrainer, alpha_figure, padded, step_metrics
+
+ISSUE_METRICS = (
+    "alpha_mean alpha_std alpha_p10 alpha_p50 alpha_p90 forced_frac support_size_mean kl_q_policy kl_q_teacher "
+    "kl_sym_err ess_ratio logp_policy_server_vs_trainer"
+).split()
+
+
+def padded_fields(seed: int = 0, B: int = 3, T: int = 5) -> tuple[dict, torch.Tensor]:
+    """Random traces as the trainer reads them from TransferQueue: (B, T), zero-padded after each row's length."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([T, T - 2, 1])
+    mask = (torch.arange(T) < lengths[:, None]).float()  # (B, T)
+    fields = {name: torch.rand(B, T, generator=g) for name in TRACE_FIELDS}
+    fields["dual_forced"] = torch.zeros(B, T)
+    fields["dual_forced"][:, 0] = 1.0  # first token forced
+    fields["dual_alpha"] = torch.where(fields["dual_forced"].bool(), 1.0, fields["dual_alpha"])
+    fields["dual_support_size"] = torch.randint(1, 5, (B, T), generator=g).float()  # some single-token supports
+    fields["dual_ess_policy"] += 0.1
+    fields["dual_ess_teacher"] += 0.1
+    fields["rollout_log_probs"] = -torch.rand(B, T, generator=g)
+    fields["old_log_probs"] = fields["dual_logp_policy"] + 0.01 * torch.randn(B, T, generator=g)
+    return {k: v * mask for k, v in fields.items()}, mask
+
+
+def test_step_metrics_have_the_issue_names_and_naive_values():
+    fields, mask = padded_fields()
+    m = step_metrics(fields, mask)
+    assert {f"optimal_sampling/{name}" for name in ISSUE_METRICS} <= set(m)
+    on = mask.bool()
+    # the padding is left out: the same as reducing the response tokens alone
+    flat = {name[len("dual_") :]: fields[name][on] for name in TRACE_FIELDS} | {
+        "logp_q": fields["rollout_log_probs"][on]
+    }
+    assert {k: v for k, v in m.items() if not k.endswith("server_vs_trainer")} == reduce_metrics(flat)
+    assert m["optimal_sampling/num_tokens"] == int(on.sum())
+    assert m["optimal_sampling/forced_frac"] == pytest.approx(3 / int(on.sum()))
+    solved = on & ~fields["dual_forced"].bool() & (fields["dual_support_size"] > 1)  # alpha mattered here
+    assert m["optimal_sampling/alpha_mean"] == pytest.approx(float(fields["dual_alpha"][solved].double().mean()))
+    gap = (fields["dual_logp_policy"] - fields["old_log_probs"])[on].abs().double().mean()
+    assert m["optimal_sampling/logp_policy_server_vs_trainer"] == pytest.approx(float(gap))
+    ratio = (fields["dual_ess_policy"][on].double().log() - fields["dual_ess_teacher"][on].double().log()).mean().exp()
+    assert m["optimal_sampling/ess_ratio"] == pytest.approx(float(ratio))
+    assert all(isinstance(v, float) for v in m.values())
+
+
+def test_fields_read_back_from_verls_nested_layout_pad_to_the_same_values():
+    """What the trainer reads from TransferQueue: verl's collation of per-sample dicts (jagged nested tensors)."""
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    fields, mask = padded_fields()
+    lengths = mask.sum(-1).long().tolist()
+    names = [*TRACE_FIELDS, "rollout_log_probs", "old_log_probs"]
+    rows = [
+        {name: fields[name][i, :n] for name in names} | {"response_mask": mask[i, :n].long()}
+        for i, n in enumerate(lengths)
+    ]
+    data = list_of_dict_to_tensordict(rows)
+    assert data["dual_alpha"].is_nested
+    back = padded(data, [*names, "response_mask"])
+    for name in names:
+        torch.testing.assert_close(back[name], fields[name])
+    assert step_metrics(back, back["response_mask"]) == step_metrics(fields, mask)
+
+
+def test_alpha_plots_go_to_an_offline_wandb_run(tmp_path, monkeypatch):
+    from verl.utils.tracking import Tracking
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracking = Tracking(project_name="os-test", experiment_name="plots", default_backend=["console", "wandb"])
+    config = OmegaConf.create(
+        {"actor_rollout_ref": {"rollout": {"engine_kwargs": {"optimal_sampling": {"plot_freq": 2}}}}}
+    )
+    fake_trainer = SimpleNamespace(config=config, logger=tracking)
+    fields, mask = padded_fields()
+    fields["response_mask"] = mask
+    for step in (1, 2):  # plot_freq=2: only step 2 plots
+        tracking.log(data=step_metrics(fields, mask), step=step)
+        OptimalSamplingTrainer._log_alpha_plots(fake_trainer, fields, step)
+    tracking.finish(exit_code=0)
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    assert glob.glob(f"{runs[0]}/files/media/images/optimal_sampling/alpha_plots_2_*.png")
+    assert not glob.glob(f"{runs[0]}/files/media/images/optimal_sampling/alpha_plots_1_*.png")
+
+
+def test_alpha_figure_has_histogram_and_position_panels():
+    fields, mask = padded_fields()
+    fig = alpha_figure(fields["dual_alpha"], mask)
+    assert [ax.get_title() for ax in fig.axes] == ["alpha over tokens", "alpha by position"]
+
+
+def test_reward_reads_the_reversed_sum():
+    assert compute_score("optimal_sampling/addition", "236", "632") == 1.0
+    assert compute_score("optimal_sampling/addition", "237", "632") == 0.0
+    assert compute_score("optimal_sampling/addition", "", "632") == 0.0
