@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SamplerConfig
+from .fast import resolve_backend
 from .step import StepRecord, sample_step
 
 TRACE_FIELDS = ("logp_q", "logp_policy", "logp_teacher", "alpha")
@@ -69,7 +70,10 @@ class DualSampler:
         tokenizer=None,
         teacher_tokenizer=None,
         vocab_size: int | None = None,
+        backend: str = "auto",
     ):
+        """backend: "reference" (this module: HF forwards, dynamic caches; any device), "cuda_graph" (`engine.fast`:
+        static caches, fused kernels, CUDA graphs; Qwen3 on CUDA) or "auto" (cuda_graph where it can run)."""
         self.policy, self.teacher = policy_model.eval(), teacher_model.eval()
         self.config = config if config is not None else SamplerConfig()
         self.vocab_size = resolve_vocab_size(policy_model, teacher_model, tokenizer, teacher_tokenizer, vocab_size)
@@ -77,6 +81,8 @@ class DualSampler:
         teacher_device = next(teacher_model.parameters()).device
         if teacher_device != self.device:
             raise ValueError(f"policy is on {self.device} but teacher on {teacher_device}: put both on one device")
+        self.backend = resolve_backend(backend, self.device, policy_model, teacher_model)
+        self._fast: list = []  # [FastDualEngine] once built; a list so that `_with_config` clones share it
 
     @torch.no_grad()
     def generate(
@@ -89,6 +95,14 @@ class DualSampler:
         """Batched lockstep decode. Row i continues policy_prompt_ids[i] for the policy and teacher_prompt_ids[i]
         for the teacher with the same sampled tokens. Same seed and inputs -> same output."""
         self._check_prompts(policy_prompt_ids, teacher_prompt_ids, max_new_tokens)
+        if self.backend == "cuda_graph":
+            return self._fast_engine().generate(
+                policy_prompt_ids,
+                teacher_prompt_ids,
+                max_new_tokens,
+                torch.seed() % 2**62 if seed is None else seed,
+                self.config,
+            )
         generator = torch.Generator(self.device).manual_seed(torch.seed() if seed is None else seed)
         stop_ids = torch.tensor(self.config.stop_token_ids, dtype=torch.long, device=self.device)
         # 1) prefill both caches
@@ -115,8 +129,16 @@ class DualSampler:
         # 4) cut at stop tokens and convert to lists
         return _assemble(records, self.config.stop_token_ids)
 
+    def _fast_engine(self):
+        if not self._fast:
+            from .fast.engine import FastDualEngine
+
+            self._fast.append(FastDualEngine(self.policy, self.teacher, self.vocab_size))
+        return self._fast[0]
+
     def generate_text(self, prompts: list[str], tokenizer, max_new_tokens: int, seed: int | None = None, **templates):
-        """Text in, text out: the policy sees `policy_template.format(prompt=...)`, the teacher its chat template.
+        """Text in, text out: the policy sees `policy_template` with "{prompt}" filled in, the teacher its chat
+        template.
         Stops on `config.stop_token_ids` plus the tokenizers' EOS ids. `templates`: policy_template,
         teacher_chat_template, system_prompt, teacher_tokenizer (see `prompts.build_dual_prompts`)."""
         from .prompts import build_dual_prompts, stop_ids_for

@@ -1,0 +1,257 @@
+"""`FastDualEngine`: the GPU path behind `DualSampler.generate` (backend "cuda_graph").
+
+Owns the static state of a decode (both models' KV caches, logits buffers, per-row positions, finished flags,
+step counter, seed, and trace buffers of (fields, max_batch, max_steps)), batch-size buckets, and one CUDA graph
+per (bucket, sampler config) that holds a whole token step:
+  1) fused q* step on both models' logits (support, alpha, mixing, exponential-race sampling, record: core.fused)
+  2) bookkeeping: finished rows get token 0, the record goes to column `step` of the trace buffers, rows that
+     sampled a stop token are marked finished
+  3) both models decode the token (StaticQwen3.decode), writing the next logits in place; positions and step += 1
+The host replays the graph and looks at "all finished" only every `check_every` steps; the traces come back to
+the host once, at the end. Knows nothing about tokenizers, verl or how prompts were built.
+"""
+
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+
+from ...core.fused import RECORD_FIELDS, fused_available, fused_sample
+from ..config import SamplerConfig
+from ..sampler import DIAGNOSTIC_FIELDS, TRACE_FIELDS, DualSample
+from ..step import sample_step
+from .model import StaticQwen3
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SEQ_ROUND, STEP_ROUND = 64, 128  # capacities grow in these steps, so that nearby requests reuse the graphs
+_ROW = {name: i for i, name in enumerate(RECORD_FIELDS)}
+
+
+def bucket_for(batch: int) -> int:
+    """The smallest bucket >= batch (beyond the largest bucket: the next multiple of it)."""
+    for b in BUCKETS:
+        if batch <= b:
+            return b
+    return math.ceil(batch / BUCKETS[-1]) * BUCKETS[-1]
+
+
+class _State:
+    """Every tensor a captured step reads or writes, allocated once per capacity (graphs hold their addresses)."""
+
+    def __init__(self, models: tuple[StaticQwen3, StaticQwen3], batch: int, seq: int, steps: int, vocab: int):
+        dev = models[0].embed.device
+        self.batch, self.seq, self.steps = batch, seq, steps
+        for m in models:
+            m.allocate(batch, seq)
+        self.logits = [torch.zeros(batch, vocab, dtype=m.dtype, device=dev) for m in models]  # (B, V) each
+        self.pos = [torch.zeros(batch, dtype=torch.long, device=dev) for _ in models]  # (B,) next cache slot
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)  # (B,)
+        self.step = torch.zeros((), dtype=torch.long, device=dev)  # () tokens generated so far
+        self.seed = torch.zeros((), dtype=torch.long, device=dev)  # ()
+        self.trace = torch.zeros(len(RECORD_FIELDS), batch, steps, dtype=torch.float32, device=dev)  # (F, B, T)
+        self.tokens = torch.zeros(batch, steps, dtype=torch.long, device=dev)  # (B, T)
+
+
+class FastDualEngine:
+    """Static caches + CUDA graphs for two Qwen3 models sampling from q* in lockstep (see the module docstring).
+
+    use_graphs: capture steps in CUDA graphs (default: on CUDA). check_every: steps between host checks for
+    "all rows finished". diagnostics: compute the five per-token diagnostics (cheap: sums in the sampling pass)."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        teacher: nn.Module,
+        vocab_size: int,
+        use_graphs: bool | None = None,
+        check_every: int = 8,
+        diagnostics: bool = True,
+    ):
+        self.device = next(policy.parameters()).device
+        self.fused = fused_available(self.device)
+        self.models = (StaticQwen3(policy, vocab_size, self.fused), StaticQwen3(teacher, vocab_size, self.fused))
+        self.vocab_size, self.check_every, self.diagnostics = vocab_size, check_every, diagnostics
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        if self.use_graphs and not (self.device.type == "cuda" and self.fused):
+            raise ValueError("use_graphs=True needs a CUDA device with Triton; pass use_graphs=False")
+        self.state: _State | None = None
+        self.graphs: dict[tuple[int, SamplerConfig], torch.cuda.CUDAGraph] = {}
+        self.warmup_seconds: dict[tuple[int, SamplerConfig], float] = {}  # capture cost per (bucket, config)
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._stops: dict[SamplerConfig, Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------------- public
+    @torch.no_grad()
+    def generate(self, policy_prompt_ids, teacher_prompt_ids, max_new_tokens: int, seed: int, config: SamplerConfig):
+        """Same contract as `DualSampler.generate` (inputs already validated there)."""
+        B = len(policy_prompt_ids)
+        bucket = bucket_for(B)
+        longest = max(max(len(p) for p in policy_prompt_ids), max(len(p) for p in teacher_prompt_ids))
+        # 1) capacity (may reallocate, which drops the captured graphs)
+        self.reserve(bucket, longest + max_new_tokens, max_new_tokens)
+        step_fn = self._step_fn(bucket, config)
+        # 2) prefill both caches, reset the per-call state
+        self._reset(policy_prompt_ids, teacher_prompt_ids, bucket, seed)
+        # 3) decode: replay, with a host check every `check_every` steps
+        steps = 0
+        while steps < max_new_tokens:
+            step_fn(steps)
+            steps += 1
+            if steps % self.check_every == 0 and bool(self.state.finished[:B].all()):
+                break
+        # 4) traces back to the host, cut at stop tokens
+        return self._assemble(B, steps, config)
+
+    def reserve(self, batch: int, seq: int, steps: int) -> None:
+        """Make room for `batch` rows of `seq` cache slots and `steps` trace columns; raises MemoryError early
+        (naming the memory needed) when the caches cannot fit next to the models."""
+        s = self.state
+        if s is not None and batch <= s.batch and seq <= s.seq and steps <= s.steps:
+            return
+        batch = max(batch, s.batch if s else 0)
+        seq = max(math.ceil(seq / SEQ_ROUND) * SEQ_ROUND, s.seq if s else 0)
+        steps = max(math.ceil(steps / STEP_ROUND) * STEP_ROUND, s.steps if s else 0)
+        self._check_memory(batch, seq, steps)
+        self.state, self.graphs = None, {}
+        if self.use_graphs:  # the old graphs are gone: a fresh pool (reusing a released one trips the allocator)
+            self._pool = torch.cuda.graph_pool_handle()
+        self.state = _State(self.models, batch, seq, steps, self.vocab_size)
+
+    # ------------------------------------------------------------------------------------------ the step
+    def _step(self, bucket: int, config: SamplerConfig, host_step: int | None = None) -> None:
+        st = self.state
+        logits = [lg[:bucket] for lg in st.logits]  # (bucket, V) each
+        # 1) one token per row from q*
+        if self.fused:
+            token, record = fused_sample(
+                logits[0],
+                logits[1],
+                st.step,
+                st.seed,
+                temperature=config.temperature,
+                top_p=config.teacher_top_p,
+                alpha_method=config.alpha_method,
+                fixed_alpha=config.fixed_alpha,
+                force_teacher_tokens=config.force_teacher_tokens,
+                diagnostics=self.diagnostics,
+            )  # fmt: skip  (bucket,), (F, bucket)
+        else:
+            token, record = self._reference_step(logits, config, host_step)
+        # 2) bookkeeping
+        finished = st.finished[:bucket]
+        token = torch.where(finished, torch.zeros_like(token), token)  # (bucket,)
+        st.trace[:, :bucket].index_copy_(2, st.step.view(1), record.unsqueeze(-1))
+        st.tokens[:bucket].index_copy_(1, st.step.view(1), token.unsqueeze(-1))
+        if config.stop_token_ids:
+            finished |= torch.isin(token, self._stop_ids(config))
+        # 3) both models read the token
+        for model, pos, out in zip(self.models, st.pos, logits, strict=True):
+            model.decode(token, pos[:bucket], out)
+            pos[:bucket] += 1
+        st.step += 1
+
+    def _stop_ids(self, config: SamplerConfig) -> Tensor:
+        """The stop ids on the device, made once per config outside any capture (a host copy can't be captured)."""
+        if config not in self._stops:
+            self._stops[config] = torch.tensor(config.stop_token_ids, dtype=torch.long, device=self.device)
+        return self._stops[config]
+
+    def _reference_step(self, logits: list[Tensor], config: SamplerConfig, step: int) -> tuple[Tensor, Tensor]:
+        """Without Triton (CPU): `sample_step` on materialised log-probs, packed like the fused record."""
+        rec = sample_step(logits[0], logits[1], step, config, self._generator)
+        nan = [lg.isnan().any(-1).float() for lg in logits]  # (B,) each
+        rows = [rec.logp_q, rec.logp_policy, rec.logp_teacher, rec.alpha, rec.forced.float(), rec.support_size.float()]
+        rows += [rec.diagnostics[name] for name in DIAGNOSTIC_FIELDS] + nan
+        return rec.token, torch.stack(rows).float()  # (B,), (F, B)
+
+    def _step_fn(self, bucket: int, config: SamplerConfig):
+        """A callable(step) running one step: a CUDA graph replay (captured on first use) or an eager step."""
+        if not self.use_graphs:
+            return lambda step: self._step(bucket, config, step)
+        key = (bucket, config)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(bucket, config)
+        return lambda step: self.graphs[key].replay()
+
+    def _capture(self, bucket: int, config: SamplerConfig) -> torch.cuda.CUDAGraph:
+        """Warm up (compiles kernels on first use) on dummy state, then capture one step."""
+        t0 = time.perf_counter()
+        st = self.state
+        for pos, lg in zip(st.pos, st.logits, strict=True):
+            pos.zero_()
+            lg.zero_()
+        st.step.zero_()
+        st.finished.zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(bucket, config)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(bucket, config)
+        torch.cuda.synchronize()
+        self.warmup_seconds[(bucket, config)] = time.perf_counter() - t0
+        return graph
+
+    # ------------------------------------------------------------------------------------------- per call
+    def _reset(self, policy_prompts, teacher_prompts, bucket: int, seed: int) -> None:
+        st, B = self.state, len(policy_prompts)
+        for model, prompts, pos, lg in zip(
+            self.models, (policy_prompts, teacher_prompts), st.pos, st.logits, strict=True
+        ):
+            pos[:B] = model.prefill(prompts, lg[:B])
+            pos[B:bucket] = 0  # padding rows decode garbage from slot 0; they are never read
+            lg[B:bucket] = 0
+        st.finished[:B] = False
+        st.finished[B:bucket] = True
+        st.step.zero_()
+        st.seed.fill_(seed)
+        self._generator = torch.Generator(self.device).manual_seed(seed)
+
+    def _assemble(self, B: int, steps: int, config: SamplerConfig) -> DualSample:
+        st = self.state
+        tokens = st.tokens[:B, :steps].tolist()  # (B, T)
+        rec = st.trace[:, :B, :steps].cpu()  # (F, B, T)
+        bad = [name for name, row in (("policy", "nan_policy"), ("teacher", "nan_teacher")) if rec[_ROW[row]].any()]
+        if bad:
+            raise FloatingPointError(
+                f"the {' and '.join(bad)} model produced NaN logits: check the checkpoint's dtype (fp16 overflow?) "
+                "and weights; the sample was discarded"
+            )
+        stop = set(config.stop_token_ids)
+        ends = [next((t + 1 for t, tok in enumerate(row) if tok in stop), None) for row in tokens]
+        lengths = [steps if e is None else e for e in ends]
+        cut = lambda rows: [r[:n] for r, n in zip(rows, lengths, strict=True)]  # noqa: E731
+        field = lambda name: cut(rec[_ROW[name]].tolist())  # noqa: E731
+        diagnostics = {name: field(name) for name in DIAGNOSTIC_FIELDS} if self.diagnostics else {}
+        return DualSample(
+            token_ids=cut(tokens),
+            **{name: field(name) for name in TRACE_FIELDS},
+            forced=[[bool(x) for x in r] for r in field("forced")],
+            support_size=[[int(x) for x in r] for r in field("support_size")],
+            finish_reasons=["length" if e is None else "stop" for e in ends],
+            diagnostics=diagnostics,
+        )
+
+    def _check_memory(self, batch: int, seq: int, steps: int) -> None:
+        if self.device.type != "cuda":
+            return
+        cache = [m.cache_bytes(batch, seq) for m in self.models]
+        need = sum(cache) + 2 * batch * self.vocab_size * 2 + len(RECORD_FIELDS) * batch * steps * 4
+        held = self.state is not None and sum(m.cache_bytes(self.state.batch, self.state.seq) for m in self.models)
+        free, total = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        margin = max(2 << 30, total // 20)  # prefill activations and the graphs' workspaces
+        available = free + cached + int(held or 0) - margin
+        if need > available:
+            gib = 1 << 30
+            per_token = sum(m.cache_bytes(1, 1) for m in self.models) / 1024
+            raise MemoryError(
+                f"batch {batch} x {seq} cache slots needs {need / gib:.1f} GiB for the KV caches and buffers "
+                f"(policy {cache[0] / gib:.1f} GiB + teacher {cache[1] / gib:.1f} GiB; {per_token:.0f} KiB per token "
+                f"of context) but only {available / gib:.1f} GiB are free on {torch.cuda.get_device_name(self.device)} "
+                "next to the two models: lower the batch or the context, or give the teacher its own GPU"
+            )

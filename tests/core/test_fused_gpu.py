@@ -1,0 +1,91 @@
+"""The fused q* step (core.fused) against the reference maths on the full 151,936-token vocabulary (CUDA)."""
+
+import pytest
+import torch
+
+from recipe.optimal_sampling.core import mix_logprobs, solve_alpha, teacher_top_p_support, token_diagnostics
+from recipe.optimal_sampling.core.fused import RECORD_FIELDS, fused_alpha, fused_sample, support_from_threshold
+
+pytestmark = pytest.mark.gpu
+V = 151_936
+
+
+def random_logits(seed: int, B: int, sharpness: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator("cuda").manual_seed(seed)
+    lp = torch.randn(B, V, device="cuda", generator=g) * sharpness
+    lt = 0.6 * lp + torch.randn(B, V, device="cuda", generator=g) * sharpness  # related, like two LMs
+    return lp.to(dtype), lt.to(dtype)
+
+
+def reference_support(logits_t: torch.Tensor, top_p: float, thr: torch.Tensor, temperature: float) -> torch.Tensor:
+    """teacher_top_p_support, with every token tied with the cut value added (the fused cut keeps all ties)."""
+    lt = (logits_t.float() / temperature).log_softmax(-1)
+    ref = teacher_top_p_support(lt, top_p)
+    cut = torch.where(ref, logits_t.float(), float("inf")).amin(-1, keepdim=True)  # (B, 1)
+    mine = support_from_threshold(logits_t, thr)
+    assert (mine >= ref).all(), "the fused support misses a token of the reference support"
+    assert (logits_t.float()[mine & ~ref] == cut.expand_as(mine)[mine & ~ref]).all(), "extra tokens are not ties"
+    return mine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sharpness", [0.5, 3.0, 20.0])
+@pytest.mark.parametrize("top_p", [None, 0.95, 0.5])
+def test_fused_alpha_matches_solve_alpha(dtype, sharpness, top_p):
+    lg_p, lg_t = random_logits(int(sharpness * 10), 16, sharpness, dtype)
+    alpha, thr = fused_alpha(lg_p, lg_t, temperature=0.9, top_p=top_p)
+    lp, lt = (lg_p.float() / 0.9).log_softmax(-1), (lg_t.float() / 0.9).log_softmax(-1)
+    support = None if top_p is None else reference_support(lg_t, top_p, thr, 0.9)
+    if support is not None and dtype == torch.float32:
+        assert (support == teacher_top_p_support(lt, top_p)).all()
+    torch.testing.assert_close(alpha, solve_alpha(lp, lt, support), atol=1e-4, rtol=0)
+
+
+def test_fused_alpha_on_disjoint_one_hot_rows():
+    lg_p = torch.full((2, V), -30.0, device="cuda")
+    lg_t = lg_p.clone()
+    lg_p[:, 7], lg_t[:, 11] = 30.0, 30.0  # nearly one-hot on different tokens: a steep Delta
+    lg_t[1] = lg_p[1]  # identical rows: alpha = 0.5 by convention
+    alpha, _ = fused_alpha(lg_p, lg_t)
+    ref = solve_alpha(lg_p.log_softmax(-1), lg_t.log_softmax(-1))
+    torch.testing.assert_close(alpha, ref, atol=1e-4, rtol=0)
+    assert alpha[1].item() == 0.5
+
+
+@pytest.mark.parametrize("method", ["kl_symmetry", "entropy", "fixed"])
+def test_fused_record_matches_reference_maths(method):
+    lg_p, lg_t = random_logits(3, 8, 4.0, torch.bfloat16)
+    step, seed = torch.tensor(2, device="cuda"), torch.tensor(11, device="cuda")
+    kw = {"fixed_alpha": 0.3} if method == "fixed" else {}
+    token, rec = fused_sample(lg_p, lg_t, step, seed, temperature=0.7, top_p=0.9, alpha_method=method, **kw)
+    lp, lt = (lg_p.float() / 0.7).log_softmax(-1), (lg_t.float() / 0.7).log_softmax(-1)
+    _, thr = fused_alpha(lg_p, lg_t, 0.7, 0.9)
+    support = support_from_threshold(lg_t, thr)
+    alpha = solve_alpha(lp, lt, support, method, kw.get("fixed_alpha"))
+    logq = mix_logprobs(lp, lt, alpha, support)
+    pick = lambda x: x.gather(-1, token[:, None])[:, 0]  # noqa: E731
+    ref = {"logp_q": pick(logq), "logp_policy": pick(lp), "logp_teacher": pick(lt), "alpha": alpha,
+           "support_size": support.sum(-1).float(), **token_diagnostics(lp, lt, logq)}  # fmt: skip
+    assert support.gather(-1, token[:, None]).all()
+    for name, value in ref.items():
+        torch.testing.assert_close(rec[RECORD_FIELDS.index(name)], value.float(), atol=2e-4, rtol=1e-4, msg=name)
+
+
+def test_fused_sampling_frequencies_match_q_star():
+    n, v = 20000, 50
+    g = torch.Generator("cuda").manual_seed(5)
+    lg_p = (torch.randn(1, v, device="cuda", generator=g) * 2).expand(n, v).contiguous()
+    lg_t = (torch.randn(1, v, device="cuda", generator=g) * 2).expand(n, v).contiguous()
+    token, _ = fused_sample(lg_p, lg_t, torch.tensor(0, device="cuda"), torch.tensor(1, device="cuda"), top_p=0.95)
+    lp, lt = lg_p[:1].log_softmax(-1), lg_t[:1].log_softmax(-1)
+    support = teacher_top_p_support(lt, 0.95)
+    q = mix_logprobs(lp, lt, solve_alpha(lp, lt, support), support).exp()[0].double().cpu()  # (v,)
+    counts = torch.bincount(token.cpu(), minlength=v).double()
+    assert counts[q == 0].sum() == 0
+    cells = q * n >= 5
+    expected = torch.cat([q[cells] * n, (q[~cells] * n).sum().reshape(1)])
+    observed = torch.cat([counts[cells], counts[~cells].sum().reshape(1)])
+    keep = expected > 0
+    chi2 = ((observed - expected)[keep] ** 2 / expected[keep]).sum().item()
+    dof = int(keep.sum()) - 1
+    assert dof >= 5 and chi2 < dof + 3.1 * (2 * dof) ** 0.5 + 7, (chi2, dof)
