@@ -39,6 +39,21 @@ class OptimalSamplingConfig:
         default=20.0, metadata={"help": "the server waits this long for concurrent requests to batch together"}
     )
     plot_freq: int = field(default=0, metadata={"help": "alpha plots to W&B every N steps when W&B is on; 0 = off"})
+    validate_policy_only: bool = field(
+        default=False,
+        metadata={
+            "help": "validation samples from the policy alone (the teacher is not run): greedy when "
+            "rollout.val_kwargs.temperature=0, else sampled at that temperature; logs "
+            "optimal_sampling/val_policy_only_accuracy"
+        },
+    )
+    skip_unused_teacher: bool = field(
+        default=False,
+        metadata={
+            "help": "do not run the teacher when q* ignores it (alpha_method=fixed, fixed_alpha=0, no forcing, no "
+            "teacher_top_p): the same samples, the teacher's traces become NaN and its forward tokens 0"
+        },
+    )
 
     def __post_init__(self):
         self.sampler_config()  # raises ValueError naming the bad field
@@ -50,6 +65,9 @@ class OptimalSamplingConfig:
             raise ValueError(f"optimal_sampling.batch_window_ms must be >= 0, got {self.batch_window_ms}")
         if self.plot_freq < 0:
             raise ValueError(f"optimal_sampling.plot_freq must be >= 0 (0 = off), got {self.plot_freq}")
+        for name in ("validate_policy_only", "skip_unused_teacher"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"optimal_sampling.{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_engine_kwargs(cls, engine_kwargs: Mapping | None) -> "OptimalSamplingConfig":
@@ -82,7 +100,7 @@ def check_trainer_config(config: Mapping) -> OptimalSamplingConfig | None:
         return None
     os_config = OptimalSamplingConfig.from_engine_kwargs(rollout.get("engine_kwargs"))
     _check_correction((config.get("algorithm") or {}).get("rollout_correction") or {})  # 1) the IS weights
-    _check_sampling(rollout)  # 2) sampling parameters the weights depend on
+    _check_sampling(rollout, os_config)  # 2) sampling parameters the weights depend on
     _check_topology(rollout, config["trainer"])  # 3) servers, trainer mode, agent loop
     return os_config
 
@@ -98,7 +116,7 @@ def _check_correction(correction: Mapping) -> None:
         )
 
 
-def _check_sampling(rollout: Mapping) -> None:
+def _check_sampling(rollout: Mapping, os_config: OptimalSamplingConfig) -> None:
     if float(rollout["temperature"]) != 1.0:
         raise ValueError(
             f"actor_rollout_ref.rollout.temperature={rollout['temperature']} is refused with the dual backend: verl "
@@ -106,13 +124,7 @@ def _check_sampling(rollout: Mapping) -> None:
             "w = pi_old/q* would weight toward a tempered policy, not pi_theta. Set it to 1.0 (shape q* with the "
             "sampler preset instead)."
         )
-    val = rollout.get("val_kwargs") or {}
-    if float(val.get("temperature", 1.0)) != 1.0 or not val.get("do_sample", True):
-        raise ValueError(
-            "actor_rollout_ref.rollout.val_kwargs must keep temperature=1.0 and do_sample=true with the dual backend "
-            f"(got temperature={val.get('temperature')}, do_sample={val.get('do_sample')}): the dual server samples "
-            "from q* and has no greedy mode."
-        )
+    _check_validation(rollout.get("val_kwargs") or {}, os_config.validate_policy_only)
     if float(rollout.get("top_p", 1.0)) != 1.0 or int(rollout.get("top_k", -1)) not in (-1, 0):
         raise ValueError(
             f"actor_rollout_ref.rollout.top_p={rollout.get('top_p')} / top_k={rollout.get('top_k')} are not used by "
@@ -123,6 +135,23 @@ def _check_sampling(rollout: Mapping) -> None:
         raise ValueError(
             "actor_rollout_ref.rollout.calculate_log_probs must be true with the dual backend: without "
             "rollout_log_probs (= log q*) verl cannot compute the importance weights."
+        )
+
+
+def _check_validation(val: Mapping, policy_only: bool) -> None:
+    temperature, do_sample = float(val.get("temperature", 1.0)), bool(val.get("do_sample", True))
+    if not policy_only and (temperature != 1.0 or not do_sample):
+        raise ValueError(
+            "actor_rollout_ref.rollout.val_kwargs must keep temperature=1.0 and do_sample=true with the dual backend "
+            f"(got temperature={val.get('temperature')}, do_sample={val.get('do_sample')}): the dual server samples "
+            "from q* and has no greedy mode. For greedy validation of the policy alone set "
+            f"engine_kwargs.{ENGINE_KWARGS_KEY}.validate_policy_only=true."
+        )
+    if policy_only and (temperature < 0 or (temperature == 0) == do_sample):
+        raise ValueError(
+            f"actor_rollout_ref.rollout.val_kwargs temperature={val.get('temperature')}, "
+            f"do_sample={val.get('do_sample')} with validate_policy_only=true: use temperature=0 with do_sample=false "
+            "(greedy) or a temperature > 0 with do_sample=true (sampled from the policy)"
         )
 
 

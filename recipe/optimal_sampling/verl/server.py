@@ -4,10 +4,18 @@ calls, and answers each with verl's `TokenOutput`: `log_probs = log q*` (what ve
 by) plus the per-token traces and `global_steps` in `extra_fields`.
 
 Pipeline of one request:
-1) `generate` checks the sampling parameters, queues the request and awaits its future;
-2) `_drain` waits `batch_window_ms` for concurrent requests, takes up to `max_num_seqs` of them and runs one
-   `DualSampler.generate` in a worker thread (the event loop keeps accepting requests);
-3) each row is cut to its own token budget and returned as a `TokenOutput`.
+1) `generate` checks the sampling parameters, decides whether the request needs the teacher, queues it and awaits
+   its future;
+2) `_drain` waits `batch_window_ms` for concurrent requests, takes up to `max_num_seqs` of them of one kind and runs
+   one `DualSampler.generate` (or, for policy-only requests, `generate_policy_only`) in a worker thread (the event
+   loop keeps accepting requests);
+3) each row is cut to its own token budget and returned as a `TokenOutput`, with the forward tokens each model spent
+   on it.
+
+Policy-only requests (the teacher is not run): every request while the trainer holds the server in policy-only
+validation (`set_policy_only_validation`, with `optimal_sampling.validate_policy_only`), and every request when
+`optimal_sampling.skip_unused_teacher` is on and the sampler config ignores the teacher (alpha fixed at 0, no
+forcing, no support constraint).
 
 Owns the models' residency (teacher always resident; `sleep` frees cached KV memory only) and the weight-loading
 end of the sync. Knows nothing about trainers, datasets or prompts' text: prompts arrive as token ids.
@@ -24,7 +32,8 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig
 from verl.workers.rollout.replica import TokenOutput
 
-from ..engine import DualSample, DualSampler, SamplerConfig, stop_ids_for
+from ..engine import DualSample, DualSampler, SamplerConfig, sample_step, stop_ids_for
+from ..engine.sampler import _assemble, _decode, _prefill  # the reference decode loop's pieces (one model here)
 from .config import OptimalSamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -32,6 +41,9 @@ logger = logging.getLogger(__name__)
 TRACE_PREFIX = "dual_"  # extra_fields keys: dual_alpha, dual_logp_policy, ...
 TRACE_KEYS = ("logp_policy", "logp_teacher", "alpha", "forced", "support_size")
 DIAGNOSTIC_KEYS = ("kl_q_policy", "kl_q_teacher", "ess_policy", "ess_teacher", "entropy_q")
+TEACHER_DIAGNOSTIC_KEYS = ("kl_q_teacher", "ess_teacher")  # NaN when the teacher was not run
+FORWARD_TOKEN_KEYS = {"policy": "dual_policy_forward_tokens", "teacher": "dual_teacher_forward_tokens"}  # extra_fields
+POLICY_ONLY = SamplerConfig(alpha_method="fixed", fixed_alpha=0.0, force_teacher_tokens=0, teacher_top_p=None)
 
 
 @dataclass
@@ -40,6 +52,13 @@ class _Request:
     teacher_ids: list[int]
     max_tokens: int
     future: asyncio.Future
+    policy_only: bool = False  # sampled from pi_theta without running the teacher
+    temperature: float = 1.0  # 0 = greedy (policy-only validation only)
+
+    @property
+    def kind(self) -> tuple[bool, float]:
+        """Requests of one kind share a decode."""
+        return self.policy_only, self.temperature
 
 
 class DualSamplerServer:
@@ -71,6 +90,9 @@ class DualSamplerServer:
             self.policy, self.teacher, sampler_config, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer
         )
         self.max_batch = int(self.config.max_num_seqs)
+        # 3) when the teacher can be left out (see the module docstring)
+        self.teacher_unused = self.os_config.skip_unused_teacher and ignores_teacher(sampler_config)
+        self._policy_only_validation = False  # switched by the trainer around validation
         self.global_steps = 0
         self._pending: list[_Request] = []
         self._drainer: asyncio.Task | None = None
@@ -98,10 +120,15 @@ class DualSamplerServer:
                 f"request {request_id} has no teacher_prompt_ids: the dual backend needs the optimal_sampling_agent "
                 "loop (actor_rollout_ref.rollout.agent.default_agent_loop), which sends the teacher's prompt"
             )
-        _check_sampling_params(sampling_params, self.config.temperature)
+        validating = self._policy_only_validation
+        _check_sampling_params(sampling_params, self.config.temperature, policy_only_validation=validating)
         max_tokens = int(sampling_params.get("max_tokens") or self.config.response_length)
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(list(prompt_ids), list(teacher_prompt_ids), max_tokens, future))
+        temperature = float(sampling_params.get("temperature", self.config.temperature))
+        policy_only = validating or self.teacher_unused
+        self._pending.append(
+            _Request(list(prompt_ids), list(teacher_prompt_ids), max_tokens, future, policy_only, temperature)
+        )
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await future
@@ -110,7 +137,7 @@ class DualSamplerServer:
         """Serve queued requests in batches until the queue is empty."""
         while self._pending:
             await asyncio.sleep(self.os_config.batch_window_ms / 1000)
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            batch = self._take_batch()
             try:
                 async with self._lock():
                     sample = await asyncio.to_thread(self._run_batch, batch)
@@ -120,27 +147,41 @@ class DualSamplerServer:
                     request.future.set_exception(e)
                 continue
             for i, request in enumerate(batch):
-                request.future.set_result(self._token_output(sample, i, request.max_tokens))
+                request.future.set_result(self._token_output(sample, i, request))
+
+    def _take_batch(self) -> list[_Request]:
+        """Up to `max_num_seqs` queued requests of the oldest request's kind, in arrival order."""
+        kind = self._pending[0].kind
+        batch = [r for r in self._pending if r.kind == kind][: self.max_batch]
+        taken = {id(r) for r in batch}
+        self._pending = [r for r in self._pending if id(r) not in taken]
+        return batch
 
     def _run_batch(self, batch: list[_Request]) -> DualSample:
         self._batches += 1
         seed = int(self.config.seed) * 1_000_003 + self.replica_rank * 10_007 + self._batches
-        return self.sampler.generate(
-            [r.policy_ids for r in batch],
-            [r.teacher_ids for r in batch],
-            max_new_tokens=max(r.max_tokens for r in batch),
-            seed=seed,
-        )
+        policy_ids, max_new_tokens = [r.policy_ids for r in batch], max(r.max_tokens for r in batch)
+        if batch[0].policy_only:
+            stop = self.sampler.config.stop_token_ids
+            return generate_policy_only(
+                self.policy, self.sampler.vocab_size, policy_ids, max_new_tokens, seed, stop, batch[0].temperature
+            )
+        return self.sampler.generate(policy_ids, [r.teacher_ids for r in batch], max_new_tokens, seed=seed)
 
-    def _token_output(self, sample: DualSample, i: int, max_tokens: int) -> TokenOutput:
-        n = min(len(sample.token_ids[i]), max_tokens)
+    def _token_output(self, sample: DualSample, i: int, request: _Request) -> TokenOutput:
+        n = min(len(sample.token_ids[i]), request.max_tokens)
         traces = {TRACE_PREFIX + k: [float(x) for x in getattr(sample, k)[i][:n]] for k in TRACE_KEYS}
         traces.update({TRACE_PREFIX + k: sample.diagnostics[k][i][:n] for k in DIAGNOSTIC_KEYS})
+        # forward tokens: the prompt's positions (prefill) plus the n - 1 response tokens fed back in decode
+        forward = {
+            FORWARD_TOKEN_KEYS["policy"]: len(request.policy_ids) + n - 1,
+            FORWARD_TOKEN_KEYS["teacher"]: 0 if request.policy_only else len(request.teacher_ids) + n - 1,
+        }
         return TokenOutput(
             token_ids=sample.token_ids[i][:n],
             log_probs=sample.logp_q[i][:n],
             stop_reason="completed",
-            extra_fields={"global_steps": self.global_steps, **traces},
+            extra_fields={"global_steps": self.global_steps, **traces, **forward},
         )
 
     def _lock(self) -> asyncio.Lock:
@@ -180,6 +221,11 @@ class DualSamplerServer:
 
     async def get_global_steps(self) -> int:
         return self.global_steps
+
+    async def set_policy_only_validation(self, on: bool) -> None:
+        """While on, every request is sampled from the policy alone (the trainer's validation; sync training never
+        overlaps it with rollout requests)."""
+        self._policy_only_validation = bool(on)
 
     # ---- memory and control (RolloutReplica calls these on every server) ------------------------------------------
 
@@ -223,12 +269,84 @@ def _load_model(path: str, dtype: torch.dtype, device: torch.device):
     return model.to(device).eval().requires_grad_(False)
 
 
-def _check_sampling_params(params: dict, temperature: float) -> None:
-    """Sampling parameters that the dual sampler cannot honour without making log q* wrong are errors."""
-    if float(params.get("temperature", temperature)) != temperature:
+def _check_sampling_params(params: dict, temperature: float, policy_only_validation: bool = False) -> None:
+    """Sampling parameters that the dual sampler cannot honour without making log q* wrong are errors. Policy-only
+    validation takes any temperature >= 0 (0 = greedy)."""
+    requested = float(params.get("temperature", temperature))
+    if policy_only_validation and requested < 0:
+        raise ValueError(f"request temperature={requested}: policy-only validation needs a temperature >= 0")
+    if not policy_only_validation and requested != temperature:
         raise ValueError(
             f"request temperature={params.get('temperature')} but the dual server samples at {temperature}: "
-            "validation/greedy requests are not supported (keep rollout.val_kwargs.temperature=1.0)"
+            "greedy/tempered requests are served only in policy-only validation (optimal_sampling."
+            "validate_policy_only=true); otherwise keep rollout.val_kwargs.temperature=1.0"
         )
     if float(params.get("top_p", 1.0)) != 1.0 or int(params.get("top_k", -1)) not in (-1, 0):
         raise ValueError(f"top_p/top_k are not supported by the dual server (got {params}); use teacher_top_p")
+
+
+def ignores_teacher(config: SamplerConfig) -> bool:
+    """True when q* = pi_theta whatever the teacher says: alpha fixed at 0, no forcing, no support constraint."""
+    return (
+        config.alpha_method == "fixed"
+        and config.fixed_alpha == 0.0
+        and config.force_teacher_tokens == 0
+        and config.teacher_top_p is None
+    )
+
+
+@torch.no_grad()
+def generate_policy_only(
+    policy,
+    vocab_size: int,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    seed: int,
+    stop_token_ids: tuple[int, ...],
+    temperature: float = 1.0,
+) -> DualSample:
+    """Sample from pi_theta alone, without running the teacher: `DualSampler.generate`'s reference loop on one model.
+    `sample_step` gets the policy's logits in the teacher's slot with alpha = 0, where they are multiplied by 0, so q*,
+    the generator's draws and hence the samples equal those of a DualSampler with POLICY_ONLY (same seed, reference
+    backend). temperature 0 = greedy (logp_q = 0: a point mass). Teacher traces are NaN."""
+    config = POLICY_ONLY.replace(temperature=temperature or 1.0, stop_token_ids=tuple(stop_token_ids))
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
+    # 1) prefill the policy's cache
+    state = _prefill(policy, prompt_ids, device)
+    finished = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)  # (B,)
+    records = []
+    for step in range(max_new_tokens):
+        # 2) one token from pi_theta (or its argmax)
+        logits = state.logits[:, :vocab_size]  # (B, V)
+        record = _without_teacher(sample_step(logits, logits, step, config, generator))
+        if temperature == 0:
+            record = _greedy(record, logits)
+        record.token = torch.where(finished, torch.zeros_like(record.token), record.token)  # (B,)
+        records.append(record)
+        finished = finished | torch.isin(record.token, stop_ids)  # (B,)
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            break
+        # 3) the policy reads the token; finished rows are fed a pad token that their mask hides
+        _decode(policy, state, record.token, ~finished)
+    # 4) cut at stop tokens and convert to lists
+    return _assemble(records, config.stop_token_ids)
+
+
+def _without_teacher(record):
+    """The record's teacher-dependent entries were computed against the policy: mark them not computed."""
+    nan = torch.full_like(record.logp_teacher, float("nan"))  # (B,)
+    record.logp_teacher = nan
+    record.diagnostics = {**record.diagnostics, **{k: nan for k in TEACHER_DIAGNOSTIC_KEYS}}
+    return record
+
+
+def _greedy(record, logits):
+    """The argmax token instead of the sampled one; its behaviour log-prob is 0 (greedy decoding is a point mass)."""
+    record.token = logits.argmax(dim=-1)  # (B,)
+    logp = logits.float().log_softmax(dim=-1)  # (B, V)
+    record.logp_policy = logp.gather(-1, record.token.unsqueeze(-1)).squeeze(-1)  # (B,)
+    record.logp_q = torch.zeros_like(record.logp_policy)  # (B,)
+    record.support_size = torch.ones_like(record.support_size)  # (B,)
+    return record

@@ -1,14 +1,20 @@
 """`OptimalSamplingTrainer`: verl's v1 sync trainer plus the `optimal_sampling/*` metrics of each step, registered
 as `trainer.v1.trainer_mode=optimal_sampling_sync`.
 
-Differs from `PPOTrainerSync` only in `_compute_metrics`: it also reads the per-token traces that `DualAgentLoop`
-wrote into TransferQueue (before verl clears them), reduces them with `metrics.reduce_metrics`, adds the
-server-vs-trainer log-prob gap, and every `plot_freq` steps sends alpha plots to W&B. verl's own
-`rollout_corr/*` metrics come from its `_compute_advantage`. The maths of the reduction lives in
-`step_metrics` (a function of tensors, tested on CPU).
+Differs from `PPOTrainerSync` in:
+- `_compute_metrics`: it also reads the per-token traces that `DualAgentLoop` wrote into TransferQueue (before verl
+  clears them), reduces them with `metrics.reduce_metrics`, adds the server-vs-trainer log-prob gap and the step's
+  model forward tokens (`forward_token_metrics`), and every `plot_freq` steps sends alpha plots to W&B;
+- with `optimal_sampling.validate_policy_only`: `on_validate_begin`/`on_validate_end` switch the dual servers to
+  policy-only sampling for the validation, and `_val_metrics_update` adds `optimal_sampling/val_policy_only_accuracy`.
+verl's own `rollout_corr/*` metrics come from its `_compute_advantage`. The maths of the reductions lives in
+`step_metrics` and `forward_token_metrics` (functions of tensors and dicts, tested on CPU).
 """
 
+import math
+
 import numpy as np
+import ray
 import torch
 import transfer_queue as tq
 from torch import Tensor
@@ -19,7 +25,7 @@ from ..metrics import PREFIX, reduce_metrics
 from . import TRAINER_MODE
 from .agent_loop import TRACE_FIELDS
 from .config import OptimalSamplingConfig
-from .server import TRACE_PREFIX
+from .server import FORWARD_TOKEN_KEYS, TRACE_PREFIX
 
 
 def step_metrics(fields: dict[str, Tensor], response_mask: Tensor) -> dict[str, float]:
@@ -33,6 +39,23 @@ def step_metrics(fields: dict[str, Tensor], response_mask: Tensor) -> dict[str, 
         gap = (flat["logp_policy"].double() - fields["old_log_probs"][on].double()).abs()  # (N,)
         out[PREFIX + "logp_policy_server_vs_trainer"] = float(gap.mean()) if gap.numel() else 0.0
     return out
+
+
+def forward_token_metrics(extra_fields: list[dict]) -> dict[str, float]:
+    """`optimal_sampling/{policy,teacher}_forward_tokens`: the model forward tokens the servers spent on one step's
+    responses (per response: its prompt's positions plus the response tokens fed back, per model; 0 for the
+    teacher where it was not run), summed. extra_fields: one dict per response, as the servers returned them."""
+    out = {}
+    for model, key in FORWARD_TOKEN_KEYS.items():
+        values = [e.get(key) for e in extra_fields]
+        assert all(v is not None for v in values), f"responses without {key}: {values.count(None)} of {len(values)}"
+        out[f"{PREFIX}{model}_forward_tokens"] = float(sum(values))
+    return out
+
+
+def os_config_of(config) -> OptimalSamplingConfig:
+    """The `engine_kwargs.optimal_sampling` block of a trainer config."""
+    return OptimalSamplingConfig.from_engine_kwargs(config.actor_rollout_ref.rollout.get("engine_kwargs"))
 
 
 def padded(data, names: list[str]) -> dict[str, Tensor]:
@@ -75,17 +98,53 @@ class OptimalSamplingTrainer(PPOTrainerSync):
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         # Differs from the base: adds optimal_sampling/* from the traces (TransferQueue is cleared right after).
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
+        metrics.update(self._optimal_sampling_metrics(batch, global_steps))
+
+    def _optimal_sampling_metrics(self, batch, global_steps: int) -> dict[str, float]:
+        """optimal_sampling/* of one step: trace statistics, forward tokens; alpha plots to W&B on plot steps."""
+        # 1) the step's responses from TransferQueue, padding rows left out
         select = [*TRACE_FIELDS, "rollout_log_probs", "old_log_probs", "response_mask"]
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=select)
+        data = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=[*select, "extra_fields"]
+        )
         keep = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])  # (B,)
+        extra_fields = [e for e, k in zip(data.pop("extra_fields").tolist(), keep.tolist(), strict=True) if k]
         fields = {name: value[keep] for name, value in padded(data, select).items()}  # each (B', T)
-        metrics.update(step_metrics(fields, fields["response_mask"]))
+        # 2) reductions; a teacher that was not run (skip_unused_teacher) leaves NaN statistics, which are dropped
+        forward = forward_token_metrics(extra_fields)
+        traces = step_metrics(fields, fields["response_mask"])
+        if forward[PREFIX + "teacher_forward_tokens"] == 0:
+            traces = {k: v for k, v in traces.items() if math.isfinite(v)}
         self._log_alpha_plots(fields, global_steps)
+        return {**traces, **forward}
+
+    def on_validate_begin(self):
+        # Differs from the base (a no-op): with validate_policy_only the servers sample from the policy alone.
+        super().on_validate_begin()
+        self._set_policy_only_validation(True)
+
+    def on_validate_end(self):
+        # Differs from the base (a no-op): the servers go back to sampling from q*.
+        self._set_policy_only_validation(False)
+        super().on_validate_end()
+
+    def _set_policy_only_validation(self, on: bool) -> None:
+        if os_config_of(self.config).validate_policy_only:
+            handles = self.llm_server_manager.server_handles
+            ray.get([handle.set_policy_only_validation.remote(on) for handle in handles])
+
+    def _val_metrics_update(self, data_sources, sample_uids, reward_extra_infos_dict, sample_turns, **kwargs):
+        # Differs from the base: adds optimal_sampling/val_policy_only_accuracy, the mean validation reward over all
+        # samples (the accuracy for 0/1 rewards), when validation sampled from the policy alone.
+        metrics = super()._val_metrics_update(
+            data_sources, sample_uids, reward_extra_infos_dict, sample_turns, **kwargs
+        )
+        if os_config_of(self.config).validate_policy_only:
+            metrics[PREFIX + "val_policy_only_accuracy"] = float(np.mean(reward_extra_infos_dict["reward"]))
+        return metrics
 
     def _log_alpha_plots(self, fields: dict[str, Tensor], global_steps: int) -> None:
-        freq = OptimalSamplingConfig.from_engine_kwargs(
-            self.config.actor_rollout_ref.rollout.get("engine_kwargs")
-        ).plot_freq
+        freq = os_config_of(self.config).plot_freq
         wandb = getattr(self, "logger", None) and self.logger.logger.get("wandb")
         if not wandb or freq <= 0 or global_steps % freq:
             return

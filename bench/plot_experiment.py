@@ -1,0 +1,262 @@
+"""Learning curves, tables and per-arm statistics of the end-to-end experiment (docs/experiments.md) from the runs'
+metrics files: EXP_DIR/<arm>/seed<k>/metrics.jsonl, verl's `file` logger (one line per step, {"step", "data"};
+step 0 = the validation before training).
+
+    python3 bench/plot_experiment.py --exp-dir outputs/experiments --out docs/experiments --target 0.21
+
+Writes into --out: `curves.png` (held-out policy-only accuracy against steps, against cumulative rollout forward
+tokens and against cumulative wall-clock; mean +- std over seeds), `tables.md` (accuracy at fixed steps, steps /
+forward tokens / seconds to reach the target accuracy, per-arm alpha, IS-weight and cost statistics) and
+`summary.json` (the same numbers). Std is the sample std over seeds (ddof = 1; 0 for one seed).
+
+Compute: forward tokens are the servers' per-step counts (`optimal_sampling/policy_forward_tokens` +
+`--teacher-cost` x `optimal_sampling/teacher_forward_tokens`), summed over the steps up to the validation;
+wall-clock is the sum of verl's `timing_s/step` (rollout, training and weight sync; start-up and validation left out).
+Knows nothing about verl or the recipe: it reads JSON lines.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+ACC = "optimal_sampling/val_policy_only_accuracy"
+POLICY_TOKENS = "optimal_sampling/policy_forward_tokens"
+TEACHER_TOKENS = "optimal_sampling/teacher_forward_tokens"
+STEP_SECONDS = "timing_s/step"
+REACH = ("step", "tokens", "seconds")  # what first_reach returns
+ARM_ORDER = ("on_policy", "balanced", "conservative", "exploratory", "fixed_alpha_0.5", "fixed_alpha_1", "ess_balance")
+STATS = (  # per-arm means over training steps and seeds: (column, metric)
+    ("alpha mean", "optimal_sampling/alpha_mean"),
+    ("alpha p10", "optimal_sampling/alpha_p10"),
+    ("alpha p50", "optimal_sampling/alpha_p50"),
+    ("alpha p90", "optimal_sampling/alpha_p90"),
+    ("forced frac", "optimal_sampling/forced_frac"),
+    ("single-support frac", "optimal_sampling/single_support_frac"),
+    ("KL(q*‖pi)", "optimal_sampling/kl_q_policy"),
+    ("IS w mean", "rollout_corr/rollout_is_mean"),
+    ("IS w ESS", "rollout_corr/rollout_is_eff_sample_size"),
+    ("IS w > C frac", "rollout_corr/rollout_is_ratio_fraction_high"),
+    ("train reward", "critic/score/mean"),
+    ("policy tok/step", POLICY_TOKENS),
+    ("teacher tok/step", TEACHER_TOKENS),
+    ("s/step", STEP_SECONDS),
+    ("gen s/step", "timing_s/gen"),
+)
+
+
+@dataclass
+class Run:
+    """One run's validation curve; x-values are cumulative up to and including each validation step."""
+
+    steps: np.ndarray  # (K,) validation steps (0 = before training)
+    acc: np.ndarray  # (K,) held-out policy-only accuracy
+    tokens: np.ndarray  # (K,) cumulative rollout forward tokens (policy + teacher_cost x teacher)
+    seconds: np.ndarray  # (K,) cumulative wall-clock of the steps
+    train_rows: list[dict]  # the metrics of each training step (step >= 1)
+
+
+def read_rows(path: str) -> list[dict]:
+    """{"step": int, "data": dict} per line; a truncated last line (a killed run) ends the file."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def build_run(rows: list[dict], teacher_cost: float = 1.0) -> Run:
+    """Validation points of one run with cumulative compute. A training step without the token or timing metrics
+    is an error: the x-axes would silently be wrong."""
+    train = sorted((r for r in rows if r["step"] >= 1), key=lambda r: r["step"])
+    for r in train:
+        missing = [k for k in (POLICY_TOKENS, TEACHER_TOKENS, STEP_SECONDS) if r["data"].get(k) is None]
+        if missing:
+            raise ValueError(f"step {r['step']} has no {missing}: were the runs made with scripts/experiments?")
+    cost = {r["step"]: r["data"][POLICY_TOKENS] + teacher_cost * r["data"][TEACHER_TOKENS] for r in train}
+    wall = {r["step"]: r["data"][STEP_SECONDS] for r in train}
+    val = sorted((r["step"], r["data"][ACC]) for r in rows if r["data"].get(ACC) is not None)
+    steps = np.array([s for s, _ in val], dtype=np.int64)
+    return Run(
+        steps=steps,
+        acc=np.array([a for _, a in val], dtype=np.float64),
+        tokens=np.array([sum(v for k, v in cost.items() if k <= s) for s in steps], dtype=np.float64),
+        seconds=np.array([sum(v for k, v in wall.items() if k <= s) for s in steps], dtype=np.float64),
+        train_rows=[r["data"] for r in train],
+    )
+
+
+def load_runs(exp_dir: str, teacher_cost: float = 1.0) -> dict[str, dict[int, Run]]:
+    """{arm: {seed: Run}} for every EXP_DIR/<arm>/seed<k>/metrics.jsonl, arms in the issue's order."""
+    runs: dict[str, dict[int, Run]] = {}
+    for path in glob.glob(os.path.join(exp_dir, "*", "seed*", "metrics.jsonl")):
+        seed_dir = os.path.basename(os.path.dirname(path))
+        arm = os.path.basename(os.path.dirname(os.path.dirname(path)))
+        match = re.fullmatch(r"seed(\d+)", seed_dir)
+        rows = read_rows(path)
+        if match and rows:
+            runs.setdefault(arm, {})[int(match.group(1))] = build_run(rows, teacher_cost)
+    if not runs:
+        raise ValueError(f"no runs under {exp_dir!r} (expected <arm>/seed<k>/metrics.jsonl): run run_all.sh first")
+    order = {arm: i for i, arm in enumerate(ARM_ORDER)}
+    return dict(sorted(runs.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof = 1; 0 for a single value)."""
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def fmt(values: list[float], n_seeds: int, digits: int = 3, missing: str = "-") -> str:
+    """Mean ± std over the seeds that have a value, "(k/n seeds)" when some lack one, `missing` when all do."""
+    if not values:
+        return missing
+    m, s = mean_std(values)
+    text = f"{_num(m, digits)} ± {_num(s, digits)}"
+    return text if len(values) == n_seeds else f"{text} ({len(values)}/{n_seeds} seeds)"
+
+
+def _num(x: float, digits: int) -> str:
+    return f"{x:.{digits}f}" if abs(x) < 1e4 else f"{x:.3g}"
+
+
+def acc_at(run: Run, step: int) -> float | None:
+    hit = np.nonzero(run.steps == step)[0]
+    return float(run.acc[hit[0]]) if hit.size else None
+
+
+def first_reach(run: Run, target: float) -> tuple[int, float, float] | None:
+    """(step, cumulative forward tokens, cumulative seconds) at the first validation with accuracy >= target."""
+    hit = np.nonzero(run.acc >= target)[0]
+    if not hit.size:
+        return None
+    i = int(hit[0])
+    return int(run.steps[i]), float(run.tokens[i]), float(run.seconds[i])
+
+
+def accuracy_table(runs: dict[str, dict[int, Run]], at_steps: list[int]) -> str:
+    head = "| arm | seeds | " + " | ".join(f"acc @ step {s}" for s in at_steps) + " |"
+    lines = [head, "|---" * (2 + len(at_steps)) + "|"]
+    for arm, seeds in runs.items():
+        cells = [fmt([a for r in seeds.values() if (a := acc_at(r, s)) is not None], len(seeds)) for s in at_steps]
+        lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_table(runs: dict[str, dict[int, Run]], target: float) -> str:
+    lines = [
+        f"| arm | seeds reaching {target:g} | steps | forward tokens | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, seeds in runs.items():
+        hits = [h for r in seeds.values() if (h := first_reach(r, target)) is not None]
+        cols = [fmt([h[i] for h in hits], len(seeds), d, "not reached") for i, d in ((0, 1), (1, 0), (2, 1))]
+        lines.append(f"| {arm} | {len(hits)}/{len(seeds)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def stats_table(runs: dict[str, dict[int, Run]]) -> str:
+    """Per-arm means over all training steps of all seeds (blank where an arm never logged the metric)."""
+    lines = ["| arm | " + " | ".join(name for name, _ in STATS) + " |", "|---" * (1 + len(STATS)) + "|"]
+    for arm, seeds in runs.items():
+        cells = []
+        for _, key in STATS:
+            values = [row[key] for r in seeds.values() for row in r.train_rows if row.get(key) is not None]
+            cells.append(f"{float(np.mean(values)):.4g}" if values else "")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_band(seeds: dict[int, Run], x_of) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean x, mean and std of the accuracy at the validation steps every seed has."""
+    common = sorted(set.intersection(*(set(r.steps.tolist()) for r in seeds.values())))
+    xs, accs = [], []
+    for r in seeds.values():
+        idx = [int(np.nonzero(r.steps == s)[0][0]) for s in common]
+        xs.append(x_of(r)[idx])
+        accs.append(r.acc[idx])
+    acc = np.stack(accs)  # (S, K)
+    std = acc.std(axis=0, ddof=1) if len(accs) > 1 else np.zeros(acc.shape[1])
+    return np.stack(xs).mean(axis=0), acc.mean(axis=0), std, np.asarray(common)
+
+
+def plot_curves(runs: dict[str, dict[int, Run]], path: str, target: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_spec = (
+        ("GRPO step", lambda r: r.steps.astype(np.float64)),
+        ("rollout forward tokens (policy + teacher)", lambda r: r.tokens),
+        ("wall-clock of the steps (s)", lambda r: r.seconds),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
+    for arm, seeds in runs.items():
+        for ax, (_, x_of) in zip(axes, axes_spec, strict=True):
+            x, mean, std, _ = curve_band(seeds, x_of)
+            (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{arm} (n={len(seeds)})")
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    for ax, (label, _) in zip(axes, axes_spec, strict=True):
+        ax.set(xlabel=label)
+        if target is not None:
+            ax.axhline(target, color="grey", ls=":", lw=1)
+    axes[0].set(ylabel="held-out accuracy, policy alone (greedy)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("GRPO on the addition task: policy-only held-out accuracy, mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary(runs: dict[str, dict[int, Run]], at_steps: list[int], target: float) -> dict:
+    """The tables' per-seed numbers (None = no validation at that step / target not reached)."""
+    out = {}
+    for arm, seeds in runs.items():
+        hits = {seed: first_reach(r, target) for seed, r in seeds.items()}
+        out[arm] = {
+            "acc_at_step": {s: {seed: acc_at(r, s) for seed, r in seeds.items()} for s in at_steps},
+            "reach_target": {seed: None if h is None else dict(zip(REACH, h, strict=True)) for seed, h in hits.items()},
+        }
+    return {"target": target, "at_steps": at_steps, "arms": out}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--exp-dir", default="outputs/experiments", help="<arm>/seed<k>/metrics.jsonl live here")
+    parser.add_argument("--out", default="docs/experiments", help="folder for curves.png, tables.md, summary.json")
+    parser.add_argument("--target", type=float, default=0.21, help="accuracy to reach (pre-registered: 0.21)")
+    parser.add_argument("--at-steps", default="0,10,20,30,40", help="comma-separated validation steps for the table")
+    parser.add_argument("--teacher-cost", type=float, default=1.0, help="a teacher forward token in policy tokens")
+    args = parser.parse_args(argv)
+    if not (0 < args.target <= 1 and args.teacher_cost >= 0 and math.isfinite(args.teacher_cost)):
+        raise ValueError(f"--target must be in (0, 1] and --teacher-cost >= 0, got {args.target}, {args.teacher_cost}")
+    at_steps = [int(s) for s in args.at_steps.split(",") if s.strip()]
+    runs = load_runs(args.exp_dir, args.teacher_cost)
+    os.makedirs(args.out, exist_ok=True)
+    plot_curves(runs, os.path.join(args.out, "curves.png"), args.target)
+    tables = [
+        "### Held-out accuracy of the policy alone (greedy), mean ± std over seeds\n\n"
+        + accuracy_table(runs, at_steps),
+        f"### To reach accuracy {args.target:g} (first validation at or above it)\n\n"
+        + target_table(runs, args.target),
+        "### Per-arm statistics (means over training steps and seeds)\n\n" + stats_table(runs),
+    ]
+    with open(os.path.join(args.out, "tables.md"), "w") as f:
+        f.write("\n\n".join(tables) + "\n")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary(runs, at_steps, args.target), f, indent=1)
+    print("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()

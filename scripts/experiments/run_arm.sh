@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# ONE run of the end-to-end experiment (docs/experiments.md): GRPO with the `dual` backend on the synthetic addition
+# task with the task's tiny teacher/policy, sampling arm ARM, seed SEED, on the GPU(s) in CUDA_VISIBLE_DEVICES (one).
+# Writes EXP_DIR/ARM/seedSEED/{metrics.jsonl (verl's file logger), train.log, run.json}; a run whose metrics file is
+# already complete (run_status.py) is skipped. Every GRPO setting below is shared by all arms: only the sampler differs.
+# The policy alone (no teacher, greedy) is evaluated on the held-out set before training and every TEST_FREQ steps.
+# Usually started by run_all.sh; alone: ARM=balanced SEED=0 bash scripts/experiments/run_arm.sh  (DRY_RUN=1 prints).
+set -xeuo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "${HERE}/../.." && pwd)
+ARM=${ARM:?set ARM to one of: on_policy balanced conservative exploratory fixed_alpha_0.5 fixed_alpha_1 ess_balance}
+SEED=${SEED:?set SEED (an int): data order and the servers sampling seed}
+EXP_DIR=${EXP_DIR:-${REPO}/outputs/experiments}               # one folder per arm and seed
+TASK_DIR=${TASK_DIR:-${EXP_DIR}/task}                         # parquet files + models/ (run_all.sh makes it)
+TOTAL_STEPS=${TOTAL_STEPS:-40}                                # GRPO steps (see run_all.sh for the time budget)
+TEST_FREQ=${TEST_FREQ:-5}                                     # held-out policy-only validation every N steps
+TRAIN_BATCH=${TRAIN_BATCH:-16}                                # prompts per step (one PPO mini-batch)
+ROLLOUT_N=${ROLLOUT_N:-8}                                     # responses per prompt (GRPO group)
+RESPONSE_LENGTH=${RESPONSE_LENGTH:-8}                         # reversed sum (<= 4 digits) + <eos>
+LR=${LR:-1e-4}                                                # actor learning rate (AdamW, constant)
+IS_THRESHOLD=${IS_THRESHOLD:-2.0}                             # truncation C of w = min(pi_old / q*, C)
+POLICY_TEMPLATE=${POLICY_TEMPLATE:-$'Q: {prompt}\nA: '}       # the policy's plain prompt (tasks/addition.py)
+AGENT_WORKERS=${AGENT_WORKERS:-2}                             # verl agent-loop worker processes
+RAY_OBJECT_STORE_BYTES=${RAY_OBJECT_STORE_BYTES:-2000000000}  # per run: several Ray clusters share the host
+DEADLINE_EPOCH=${DEADLINE_EPOCH:-0}                           # Unix time at which the run is stopped; 0 = never
+MIN_RUN_S=${MIN_RUN_S:-300}                                   # do not start a run with less time than this left
+DRY_RUN=${DRY_RUN:-0}                                         # 1: print the training command, run nothing
+RUN_DIR=${EXP_DIR}/${ARM}/seed${SEED}
+METRICS=${RUN_DIR}/metrics.jsonl
+KEY=actor_rollout_ref.rollout.engine_kwargs.optimal_sampling
+
+# The seven arms of issue 5: only these overrides differ between runs.
+case "${ARM}" in
+    on_policy) ARM_OVERRIDES=(                                # samples from pi_theta (the teacher is not run)
+        sampler=exploratory
+        "${KEY}.alpha_method=fixed"
+        "${KEY}.fixed_alpha=0.0"
+    ) ;;
+    balanced | conservative | exploratory) ARM_OVERRIDES=(    # the presets (config/sampler/*.yaml)
+        "sampler=${ARM}"
+    ) ;;
+    fixed_alpha_0.5) ARM_OVERRIDES=(                          # logit fusion: a fixed geometric mixture, with IS
+        sampler=exploratory
+        "${KEY}.alpha_method=fixed"
+        "${KEY}.fixed_alpha=0.5"
+    ) ;;
+    fixed_alpha_1) ARM_OVERRIDES=(                            # teacher-only sampling (pure off-policy), with IS
+        sampler=exploratory
+        "${KEY}.alpha_method=fixed"
+        "${KEY}.fixed_alpha=1.0"
+    ) ;;
+    ess_balance) ARM_OVERRIDES=(                              # exact ESS balance, balanced preset's forcing + support
+        sampler=balanced
+        "${KEY}.alpha_method=ess_balance"
+    ) ;;
+    *) echo "unknown ARM=${ARM}" >&2; exit 2 ;;
+esac
+
+if python3 "${HERE}/run_status.py" complete "${METRICS}" --total-steps "${TOTAL_STEPS}"; then
+    echo "skip ${ARM}/seed${SEED}: ${METRICS} is complete"
+    exit 0
+fi
+
+CMD=(python3 -m recipe.optimal_sampling.main
+    "${ARM_OVERRIDES[@]}"
+    "${KEY}.skip_unused_teacher=true"
+    "${KEY}.validate_policy_only=true"
+    actor_rollout_ref.rollout.val_kwargs.temperature=0
+    actor_rollout_ref.rollout.val_kwargs.do_sample=false
+    data.train_files="${TASK_DIR}/train.parquet"
+    data.val_files="${TASK_DIR}/test.parquet"
+    data.train_batch_size="${TRAIN_BATCH}"
+    data.max_prompt_length=48
+    data.max_response_length="${RESPONSE_LENGTH}"
+    data.dataloader_num_workers=0
+    data.seed="${SEED}"
+    actor_rollout_ref.model.path="${TASK_DIR}/models/policy"
+    +actor_rollout_ref.model.override_config.attn_implementation=sdpa
+    actor_rollout_ref.model.use_remove_padding=False
+    actor_rollout_ref.actor.optim.lr="${LR}"
+    actor_rollout_ref.actor.ppo_mini_batch_size="${TRAIN_BATCH}"
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=128
+    actor_rollout_ref.actor.use_kl_loss=False
+    actor_rollout_ref.actor.fsdp_config.use_torch_compile=False
+    actor_rollout_ref.rollout.n="${ROLLOUT_N}"
+    actor_rollout_ref.rollout.seed="${SEED}"
+    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=128
+    actor_rollout_ref.rollout.agent.num_workers="${AGENT_WORKERS}"
+    "${KEY}.teacher_path=${TASK_DIR}/models/teacher"
+    "${KEY}.policy_template='${POLICY_TEMPLATE}'"
+    algorithm.rollout_correction.rollout_is_threshold="${IS_THRESHOLD}"
+    reward.custom_reward_function.path="${REPO}/recipe/optimal_sampling/verl/reward.py"
+    reward.custom_reward_function.name=compute_score
+    reward.num_workers=1
+    trainer.n_gpus_per_node=1
+    trainer.nnodes=1
+    trainer.total_training_steps="${TOTAL_STEPS}"
+    trainer.val_before_train=True
+    trainer.test_freq="${TEST_FREQ}"
+    trainer.save_freq=-1
+    trainer.logger='[console,file]'
+    trainer.experiment_name="exp_${ARM}_seed${SEED}"
+    transfer_queue.backend.SimpleStorage.num_data_storage_units=2
+    +ray_kwargs.ray_init.include_dashboard=False
+    +ray_kwargs.ray_init.object_store_memory="${RAY_OBJECT_STORE_BYTES}"
+    +ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH="${METRICS}"
+    "+ray_kwargs.ray_init.runtime_env.env_vars.PYTHONPATH='${PYTHONPATH:-}'"
+    "$@"
+)
+if [ "${DRY_RUN}" = 1 ]; then
+    echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} $(printf '%q ' "${CMD[@]}")"
+    exit 0
+fi
+
+left=$((DEADLINE_EPOCH - $(date +%s)))
+if [ "${DEADLINE_EPOCH}" -gt 0 ] && [ "${left}" -lt "${MIN_RUN_S}" ]; then
+    echo "not started ${ARM}/seed${SEED}: ${left} s left before DEADLINE_EPOCH (MIN_RUN_S=${MIN_RUN_S})" >&2
+    exit 3
+fi
+mkdir -p "${RUN_DIR}"
+cd "${REPO}"
+export VERL_FILE_LOGGER_PATH=${METRICS}
+start=$(date +%s)
+# own process group, so that the deadline also stops the run's local Ray cluster
+setsid --wait "${CMD[@]}" > "${RUN_DIR}/train.log" 2>&1 &
+pid=$!
+if [ "${DEADLINE_EPOCH}" -gt 0 ]; then
+    (sleep "${left}"; kill -TERM -- "-${pid}" 2>/dev/null; sleep 15; kill -KILL -- "-${pid}" 2>/dev/null) &
+    watchdog=$!
+fi
+rc=0
+wait "${pid}" || rc=$?
+[ -n "${watchdog:-}" ] && { kill "${watchdog}" 2>/dev/null || true; }
+end=$(date +%s)
+complete=false
+python3 "${HERE}/run_status.py" complete "${METRICS}" --total-steps "${TOTAL_STEPS}" && complete=true
+printf '{"arm": "%s", "seed": %s, "exit_code": %s, "complete": %s, "seconds": %s, "start": %s, "cuda_visible_devices": "%s", "lr": "%s", "total_steps": %s}\n' \
+    "${ARM}" "${SEED}" "${rc}" "${complete}" "$((end - start))" "${start}" "${CUDA_VISIBLE_DEVICES:-}" "${LR}" "${TOTAL_STEPS}" \
+    > "${RUN_DIR}/run.json"
+[ "${complete}" = true ]

@@ -1,0 +1,66 @@
+"""Status of the experiment's runs, read from their metrics files (verl's `file` logger: one JSON line per step,
+`{"step": k, "data": {...}}`; step 0 holds the validation before training).
+
+    python3 scripts/experiments/run_status.py complete RUN_DIR/metrics.jsonl --total-steps 30   # exit 0 = complete
+    python3 scripts/experiments/run_status.py summary EXP_DIR --total-steps 30                  # one line per run
+
+A run is complete when its file has a line for a step >= `total_steps` that carries the held-out policy-only accuracy
+(the last step always validates; a longer run counts for a shorter plan). Standard library only: the launcher calls
+it before anything is installed.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+VAL_KEY = "optimal_sampling/val_policy_only_accuracy"
+
+
+def read_rows(path: str) -> list[dict]:
+    """The file's lines as {"step": int, "data": dict}; a truncated last line (a killed run) is left out."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def is_complete(path: str, total_steps: int) -> bool:
+    if not os.path.exists(path):
+        return False
+    return any(r["step"] >= total_steps and VAL_KEY in r["data"] for r in read_rows(path))
+
+
+def summary_lines(exp_dir: str, total_steps: int) -> list[str]:
+    lines = []
+    for path in sorted(glob.glob(os.path.join(exp_dir, "*", "seed*", "metrics.jsonl"))):
+        rows = read_rows(path)
+        run = os.path.relpath(os.path.dirname(path), exp_dir)
+        val = [(r["step"], r["data"][VAL_KEY]) for r in rows if VAL_KEY in r["data"]]
+        last = f"val acc {val[-1][1]:.3f} at step {val[-1][0]}" if val else "no validation yet"
+        state = "complete" if is_complete(path, total_steps) else "INCOMPLETE"
+        step = max((r["step"] for r in rows), default=0)
+        lines.append(f"{run:<28} {state:<10} steps {step:>3}/{total_steps}  {last}")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["complete", "summary"])
+    parser.add_argument("path", help="a metrics.jsonl (complete) or the experiment folder (summary)")
+    parser.add_argument("--total-steps", type=int, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "complete":
+        return 0 if is_complete(args.path, args.total_steps) else 1
+    lines = summary_lines(args.path, args.total_steps)
+    print("\n".join(lines) if lines else f"no runs under {args.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
