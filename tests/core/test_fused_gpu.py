@@ -28,7 +28,7 @@ def reference_support(logits_t: torch.Tensor, top_p: float, thr: torch.Tensor, t
     return mine
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sharpness", [0.5, 3.0, 20.0])
 @pytest.mark.parametrize("top_p", [None, 0.95, 0.5])
 def test_fused_alpha_matches_solve_alpha(dtype, sharpness, top_p):
@@ -50,6 +50,19 @@ def test_fused_alpha_on_disjoint_one_hot_rows():
     ref = solve_alpha(lg_p.log_softmax(-1), lg_t.log_softmax(-1))
     torch.testing.assert_close(alpha, ref, atol=1e-4, rtol=0)
     assert alpha[1].item() == 0.5
+
+
+def test_fused_alpha_on_a_small_support_far_from_the_policy():
+    """2-token teacher top-p sets where the policy's log-mass is ~ -12 (renormalising on the support matters)."""
+    g = torch.Generator("cuda").manual_seed(7)
+    lg_p, lg_t = torch.randn(2, V, device="cuda", generator=g), torch.randn(2, V, device="cuda", generator=g)
+    lg_t[:, :2] = torch.tensor([[20.0, 19.95], [18.0, 17.9]], device="cuda")
+    lg_p[:, :2] = torch.tensor([[-5.0, -6.0], [-3.0, -4.5]], device="cuda")
+    alpha, thr = fused_alpha(lg_p, lg_t, 1.0, 0.9)
+    lp, lt = lg_p.log_softmax(-1), lg_t.log_softmax(-1)
+    support = teacher_top_p_support(lt, 0.9)
+    assert (support_from_threshold(lg_t, thr) == support).all() and (support.sum(-1) == 2).all()
+    torch.testing.assert_close(alpha, solve_alpha(lp, lt, support), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["kl_symmetry", "entropy", "fixed"])
@@ -89,3 +102,15 @@ def test_fused_sampling_frequencies_match_q_star():
     chi2 = ((observed - expected)[keep] ** 2 / expected[keep]).sum().item()
     dof = int(keep.sum()) - 1
     assert dof >= 5 and chi2 < dof + 3.1 * (2 * dof) ** 0.5 + 7, (chi2, dof)
+
+
+def test_fused_sampling_covers_the_whole_vocabulary():
+    """Equal logits: q* is uniform over all 151,936 columns; each of the 4 outputs of a Philox call (column mod 4)
+    and each eighth of the row gets its share, and a new step draws new tokens."""
+    lg = torch.zeros(4096, V, device="cuda", dtype=torch.bfloat16)
+    token, _ = fused_sample(lg, lg, torch.tensor(0, device="cuda"), torch.tensor(3, device="cuda"), top_p=0.95)
+    again, _ = fused_sample(lg, lg, torch.tensor(1, device="cuda"), torch.tensor(3, device="cuda"), top_p=0.95)
+    assert (token != again).float().mean() > 0.99
+    for cells in (torch.bincount(token % 4, minlength=4), torch.bincount(token * 8 // V, minlength=8)):
+        expected = 4096 / len(cells)
+        assert ((cells - expected).abs() < 5 * expected**0.5).all(), cells.tolist()

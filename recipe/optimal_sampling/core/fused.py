@@ -1,7 +1,7 @@
 """Fused per-token maths of q* over the full vocabulary: the same numbers as `sample_step` on `core/` functions,
 in a fixed number of passes over each row of logits and without materialising any (B, V) float32 tensor.
 
-Owns the launch code of `fused_kernels` (Triton, CUDA; or Triton's interpreter on CPU tensors with
+Owns the launch code of the `fused_*kernels` modules (Triton, CUDA; or Triton's interpreter on CPU tensors with
 TRITON_INTERPRET=1) and two torch helpers (`logit_keys`, `support_from_threshold`) that say what the kernels
 compute. Knows nothing about models, caches or CUDA graphs; nothing here syncs to the host, so a decode step
 calling `fused_sample` can be captured in a CUDA graph.
@@ -9,12 +9,19 @@ calling `fused_sample` can be captured in a CUDA graph.
 Per row (B rows, V columns; each pass reads the row's raw logits once):
   1) stats: log Z of each model at the temperature                                     1 pass, both models
   2) support: the teacher's top-p set as {v : key(logit_t[v]) >= thr}, key = the float's order-preserving
-     integer bits (`logit_keys`); thr found by a 17-way interval search                P passes, teacher only
+     int32 bits (`logit_keys`); thr found by a 17-way interval search                   P passes, teacher only
      (P = 4 for bf16 logits, 5 for fp16, 8 for fp32: exact). Ties at the cut are all kept (the sort in
      `teacher_top_p_support` keeps an arbitrary subset of them).
-  3) alpha (kl_symmetry): Delta(alpha) at 8 points per pass; the bracket shrinks >= 8x a pass, so after
-     ALPHA_PASSES = 5 the root is known to < 3.1e-5, then refined by regula falsi        5 passes, both
-     (fixed: no pass; entropy / ess_balance: `core.solve_alpha` on materialised log-probs, not fused)
+  3) alpha (kl_symmetry): Delta(alpha) = E_q[ell] and Delta' = Var_q[ell] at 8 points in the first pass (the grid
+     j / 9), then at 4 points per pass: the root of the cubic interpolant of Delta, Delta' at the bracket's ends
+     (or a safeguarded Newton step) + (-1, -1/3, 1/3, 1) * the radius where its error should lie (a grid of the
+     bracket while one end is not evaluated); after the last pass one more such estimate, no pass
+     (`fused_alpha_kernels`). Passes after the first use log-probs renormalised on the support, as
+     `core.solve_alpha` does                                                          ALPHA_PASSES = 3, both
+     (a float32 torch model of the search, on 2,300 Gaussian, Zipf-like, spiky and small-support rows with and
+     without top-p, and the GPU tests' rows: <= 1.5e-5 from `core.solve_alpha` where that is itself within 1e-5
+     of float64, most rows ~1e-7. fixed: no pass; entropy / ess_balance: `core.solve_alpha` on materialised
+     log-probs, not fused)
   4) sample: mixing on the support, exponential race with an in-kernel Philox stream keyed by (seed, step),
      and the sums behind `token_diagnostics`                                            1 pass, both
 """
@@ -28,18 +35,19 @@ from torch import Tensor
 from .alpha import EQUAL_TOL, solve_alpha
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs use the reference path instead
+    from . import fused_alpha_kernels as _ka
     from . import fused_kernels as _k
     from . import fused_sample_kernels as _ks
 except ImportError:  # pragma: no cover - depends on the install
-    _k = _ks = None
+    _k = _ka = _ks = None
 
 RECORD_FIELDS = (
     "logp_q", "logp_policy", "logp_teacher", "alpha", "forced", "support_size",
     "kl_q_policy", "kl_q_teacher", "ess_policy", "ess_teacher", "entropy_q", "nan_policy", "nan_teacher",
 )  # fmt: skip
 TOPP_PROBES = 16
-ALPHA_POINTS = 8
-ALPHA_PASSES = 5  # bracket <= 8^-5 = 3.1e-5 before the final regula-falsi step
+ALPHA_POINTS = 8  # points of the first alpha pass (fused_alpha_kernels.NP_FIRST; 4 in later passes)
+ALPHA_PASSES = 3  # see the module docstring, 3)
 SPLIT_BLOCK = 1024  # columns per split are a multiple of this (every kernel's BLOCK divides it)
 _KEY_SPACING = {torch.bfloat16: 2**16, torch.float16: 2**13, torch.float32: 1}  # gap between adjacent keys
 
@@ -101,7 +109,7 @@ def fused_stats(logits_policy: Tensor, logits_teacher: Tensor, temperature: floa
     stats = torch.empty(plan.B, plan.ns, 6, dtype=torch.float32, device=logits_policy.device)  # (B, ns, 6)
     _k._stats_kernel[plan.grid](
         logits_policy, logits_teacher, stats, plan.V, logits_policy.stride(0), logits_teacher.stride(0),
-        plan.chunk, 1.0 / temperature, BLOCK=1024, num_warps=4,
+        plan.chunk, 1.0 / temperature, BLOCK=1024, num_warps=8,
     )  # fmt: skip
     return stats
 
@@ -110,7 +118,6 @@ def fused_top_p_threshold(logits_teacher: Tensor, top_p: float, temperature: flo
     """The teacher's top-p set as a key threshold. Returns thr: (B,) int64 (see `support_from_threshold`)."""
     dev = logits_teacher.device
     state = torch.empty(2, plan.B, 2, dtype=torch.int64, device=dev)  # (2, B, 2) double-buffered (lo, hi)
-    state[0, :, 0], state[0, :, 1] = -(2**31), 2**31
     part = torch.empty(2, plan.B, plan.ns, TOPP_PROBES, dtype=torch.float32, device=dev)  # (2, B, ns, K)
     thr = torch.empty(plan.B, dtype=torch.int64, device=dev)  # (B,)
     passes = topp_passes(logits_teacher.dtype)
@@ -118,8 +125,8 @@ def fused_top_p_threshold(logits_teacher: Tensor, top_p: float, temperature: flo
         last = n == passes
         _k._topp_kernel[plan.grid](
             logits_teacher, logits_teacher.stride(0), plan.V, plan.chunk, 1.0 / temperature, stats,
-            part[(n - 1) % 2], part[n % 2], state[(n - 1) % 2 if n else 0], state[n % 2 if n else 1], thr,
-            float(top_p), FIRST=n == 0, LAST=last, K=TOPP_PROBES, NS_PAD=plan.ns_pad, BLOCK=512, num_warps=8,
+            part[(n - 1) % 2], part[n % 2], state[(n - 1) % 2], state[n % 2], thr, float(top_p), FIRST=n == 0,
+            LAST=last, K=TOPP_PROBES, NS_PAD=plan.ns_pad, BLOCK=1024, num_warps=8,
         )  # fmt: skip
     return thr
 
@@ -129,21 +136,17 @@ def fused_solve_alpha(
 ) -> Tensor:
     """kl_symmetry alpha on the support {key >= thr} (None = full vocabulary). Returns (B,) float32."""
     dev = logits_policy.device
-    state = torch.empty(2, plan.B, 4, dtype=torch.float32, device=dev)  # (2, B, 4) (lo, hi, D(lo), D(hi))
-    state[0, :, 0], state[0, :, 1], state[0, :, 2:] = 0.0, 1.0, float("nan")  # fills: no host copy (graph-safe)
-    part = torch.empty(2, plan.B, plan.ns, ALPHA_POINTS, 3, dtype=torch.float32, device=dev)  # (2, B, ns, K, 3)
+    state = torch.empty(2, plan.B, 8, dtype=torch.float32, device=dev)  # (2, B, 8) see _alpha_kernel
+    part = torch.empty(2, plan.B, plan.ns, ALPHA_POINTS, 4, dtype=torch.float32, device=dev)  # (2, B, ns, 8, 4)
     extra = torch.empty(plan.B, plan.ns, 6, dtype=torch.float32, device=dev)  # (B, ns, 6)
     alpha = torch.empty(plan.B, dtype=torch.float32, device=dev)  # (B,)
-    no_thr = thr is None
-    if no_thr:
-        thr = torch.full((plan.B,), -(2**31), dtype=torch.int64, device=dev)  # (B,)
-    for n in range(ALPHA_PASSES + 1):  # the last launch only finalises
-        last = n == ALPHA_PASSES
-        _k._alpha_kernel[plan.grid](
+    for n in range(ALPHA_PASSES + 1):  # the first launch also writes the initial state, the last only finalises
+        _ka._alpha_kernel[plan.grid](
             logits_policy, logits_teacher, logits_policy.stride(0), logits_teacher.stride(0), plan.V, plan.chunk,
-            1.0 / temperature, stats, thr, extra, part[(n - 1) % 2], part[n % 2], state[(n - 1) % 2 if n else 0],
-            state[n % 2 if n else 1], alpha, EQUAL_TOL, FIRST=n == 0, LAST=last, HAS_SUPPORT=not no_thr,
-            K=ALPHA_POINTS, NS_PAD=plan.ns_pad, BLOCK=512, num_warps=8,
+            1.0 / temperature, stats, alpha if thr is None else thr, extra, part[(n - 1) % 2], part[n % 2],
+            state[(n - 1) % 2], state[n % 2], alpha, EQUAL_TOL, FIRST=n == 0, PREV_FIRST=n == 1,
+            LAST=n == ALPHA_PASSES, HAS_SUPPORT=thr is not None, NS_PAD=plan.ns_pad, BLOCK=512 if n == 0 else 1024,
+            num_warps=8,
         )  # fmt: skip
     return alpha
 
@@ -187,13 +190,10 @@ def fused_sample(
     # 1) stats, 2) support
     stats = fused_stats(logits_policy, logits_teacher, temperature, plan)
     has_support = top_p is not None and top_p < 1.0
-    if has_support:
-        thr = fused_top_p_threshold(logits_teacher, top_p, temperature, stats, plan)
-    else:
-        thr = torch.full((plan.B,), -(2**31), dtype=torch.int64, device=dev)  # (B,)
+    thr = fused_top_p_threshold(logits_teacher, top_p, temperature, stats, plan) if has_support else None
     # 3) alpha
     if alpha_method == "kl_symmetry":
-        alpha = fused_solve_alpha(logits_policy, logits_teacher, thr if has_support else None, temperature, stats, plan)
+        alpha = fused_solve_alpha(logits_policy, logits_teacher, thr, temperature, stats, plan)
     elif alpha_method == "fixed":
         alpha = torch.full((plan.B,), float(fixed_alpha), dtype=torch.float32, device=dev)  # (B,)
     else:  # not fused: materialise both rows of log-probs (B, V) and use the reference solver
@@ -208,9 +208,9 @@ def fused_sample(
     inv_t = 1.0 / temperature
     s_p, s_t = logits_policy.stride(0), logits_teacher.stride(0)
     _ks._sample_kernel[plan.grid](
-        logits_policy, logits_teacher, s_p, s_t, plan.V, plan.chunk, inv_t, stats, thr, alpha, step, seed,
-        int(force_teacher_tokens), part, HAS_SUPPORT=has_support, DIAG=diagnostics, NS_PAD=plan.ns_pad,
-        BLOCK=1024, num_warps=8,
+        logits_policy, logits_teacher, s_p, s_t, plan.V, plan.chunk, inv_t, stats, alpha if thr is None else thr,
+        alpha, step, seed, int(force_teacher_tokens), part, HAS_SUPPORT=has_support, DIAG=diagnostics,
+        NS_PAD=plan.ns_pad, BLOCK=1024, num_warps=8,
     )  # fmt: skip
     _ks._epilogue_kernel[(plan.B,)](
         logits_policy, logits_teacher, s_p, s_t, inv_t, stats, alpha, step, int(force_teacher_tokens), part, record,

@@ -7,15 +7,21 @@ caches or configs. Every kernel works on rows of raw logits (bf16, fp16 or fp32)
 first *finalises* the previous one from the partial sums of all splits (every program of the row computes the
 same numbers, split 0 writes them down), then accumulates its own partial sums. No atomics, no host sync.
 
+Sums are per lane: every running max / sum is a (BLOCK,) tensor updated element-wise (one exp per element and
+sum, `_online`), and reduced across lanes once per split. The next block's logits are loaded before the current
+block is processed, so a load is always in flight.
+
   _stats_kernel   pass 0: online max / sum-exp of both rows at the temperature (-> log Z of each model), NaNs
-  _topp_kernel    passes 1..P: the teacher's top-p cut as an order-preserving integer key of the raw logit,
+  _topp_kernel    passes 1..P: the teacher's top-p cut as an order-preserving int32 key of the raw logit,
                   found by a 17-way interval search (16 probe keys per pass, exact after P passes)
-  _alpha_kernel   passes 1..A: Delta(alpha) = E_q[ell] at 8 alphas per pass (7 grid points + a regula-falsi
-                  estimate): the root bracket shrinks at least 8x per pass, so 5 passes leave < 3.1e-5
+  (fused_alpha_kernels) passes 1..A: alpha, from Delta(alpha) = E_q[ell] and Delta' = Var_q[ell] at 3 alphas
+                  per pass
   (fused_sample_kernels) last pass: q* = mix at the final alpha on the support, exponential-race sampling with an
                   in-kernel Philox stream, and the sums behind the diagnostics
   (fused_sample_kernels) per row: combine the splits into the token and its trace record
 """
+
+import os
 
 import triton
 import triton.language as tl
@@ -23,6 +29,34 @@ import triton.language as tl
 M_INIT = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp(M_INIT - m) is 0, never NaN
 FLOOR = tl.constexpr(-1.0e3)  # core.mixture.LOGP_FLOOR
 NEG_INF = tl.constexpr(float("-inf"))
+# On the GPU, exp and the race's outer log are single PTX approximations (ex2 / lg2.approx.ftz: relative error
+# ~2^-22, results below 2^-126 flush to 0) instead of tl.exp (a range fix-up around ex2, +3 instructions) and
+# tl.log (a libdevice polynomial, ~20); Triton's interpreter runs no inline PTX, so it keeps tl.exp / tl.log.
+FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _exp(x):
+    """exp(x) (see FAST_MATH)."""
+    if FAST_MATH:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * LOG2E], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _log_approx(x):
+    """log(x) for x > 0 (see FAST_MATH); used where an absolute error ~1e-7 is harmless."""
+    if FAST_MATH:
+        return LN2 * tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.log(x)
 
 
 @triton.jit
@@ -30,6 +64,41 @@ def _key(x):
     """fp32 -> int32 with the same order (negative floats have their magnitude bits flipped)."""
     bits = x.to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _online(m, s, x):
+    """Per-lane online log-sum-exp: (m, s) -> running max and sum exp(x - m); x: -inf where absent. One exp."""
+    d = x - m
+    e = _exp(tl.abs(d) * -1.0)
+    return tl.maximum(m, x), tl.where(d > 0, s * e + 1.0, s + e)
+
+
+@triton.jit
+def _online_xy(m, s0, s1, s2, x, y1, y2):
+    """`_online` that also carries sum e * y1 and sum e * y2 (per lane)."""
+    d = x - m
+    e = _exp(tl.abs(d) * -1.0)  # one FMUL with the |.| modifier, not a negation first
+    up = d > 0
+    old = tl.where(up, e, 1.0)  # weight of the sums so far, and of the new element
+    new = tl.where(up, 1.0, e)
+    return tl.maximum(m, x), s0 * old + new, s1 * old + new * y1, s2 * old + new * y2
+
+
+@triton.jit
+def _lane_lse(m, s):
+    """Reduce per-lane (max, sum) to one (max, sum) pair; and the weights exp(m - max) of the lanes."""
+    mm = tl.max(m, 0)
+    w = tl.exp(m - mm)
+    return mm, tl.sum(s * w, 0), w
+
+
+@triton.jit
+def _store_lse(ptr, m, s):
+    """Reduce per-lane (max, sum) across lanes and store the pair."""
+    mm, ss, _ = _lane_lse(m, s)
+    tl.store(ptr, mm)
+    tl.store(ptr + 1, ss)
 
 
 @triton.jit
@@ -44,10 +113,15 @@ def _combine_lse(ptr, row, ns, width, col, NS_PAD: tl.constexpr):
 
 
 @triton.jit
-def _load_logp(ptr, row, stride, cols, msk, inv_temp, lse):
-    """Floored log-probs at the temperature; also returns the raw logits (fp32) for keys."""
-    raw = tl.load(ptr + row * stride + cols, mask=msk, other=0.0).to(tl.float32)
-    return tl.maximum(raw * inv_temp - lse, FLOOR), raw
+def _load(ptr, row, stride, cols, end):
+    """Raw logits of one block, in their own dtype (converted where used); 0 past `end`."""
+    return tl.load(ptr + row * stride + cols, mask=cols < end, other=0.0)
+
+
+@triton.jit
+def _logp(raw, inv_temp, lse):
+    """Floored log-probs at the temperature from raw logits of any float dtype."""
+    return tl.maximum(raw.to(tl.float32) * inv_temp - lse, FLOOR)
 
 
 @triton.jit
@@ -58,35 +132,67 @@ def _stats_kernel(pol_ptr, tea_ptr, out_ptr, V, s_pol, s_tea, chunk, inv_temp, B
     ns = tl.num_programs(1)
     start = split * chunk
     end = tl.minimum(start + chunk, V)
-    m_p = M_INIT
-    s_p = 0.0
-    m_t = M_INIT
-    s_t = 0.0
-    nan_p = 0.0
-    nan_t = 0.0
-    for rel in range(0, chunk, BLOCK):
-        off = start + rel
-        cols = off + tl.arange(0, BLOCK)
+    m_p = tl.zeros((BLOCK,), tl.float32) + M_INIT
+    s_p = tl.zeros((BLOCK,), tl.float32)
+    m_t = m_p
+    s_t = s_p
+    nan_p = s_p
+    nan_t = s_p
+    cols = start + tl.arange(0, BLOCK)
+    nxt_p = _load(pol_ptr, row, s_pol, cols, end)
+    nxt_t = _load(tea_ptr, row, s_tea, cols, end)
+    for _ in range(0, chunk, BLOCK):
         msk = cols < end
-        zp = tl.load(pol_ptr + row * s_pol + cols, mask=msk, other=0.0).to(tl.float32) * inv_temp
-        zt = tl.load(tea_ptr + row * s_tea + cols, mask=msk, other=0.0).to(tl.float32) * inv_temp
-        nan_p += tl.sum((zp != zp).to(tl.float32), 0)
-        nan_t += tl.sum((zt != zt).to(tl.float32), 0)
-        zp = tl.where(msk, zp, NEG_INF)
-        zt = tl.where(msk, zt, NEG_INF)
-        mp_new = tl.maximum(m_p, tl.max(zp, 0))
-        s_p = s_p * tl.exp(m_p - mp_new) + tl.sum(tl.exp(zp - mp_new), 0)
-        m_p = mp_new
-        mt_new = tl.maximum(m_t, tl.max(zt, 0))
-        s_t = s_t * tl.exp(m_t - mt_new) + tl.sum(tl.exp(zt - mt_new), 0)
-        m_t = mt_new
+        zp = nxt_p.to(tl.float32) * inv_temp
+        zt = nxt_t.to(tl.float32) * inv_temp
+        cols += BLOCK
+        nxt_p = _load(pol_ptr, row, s_pol, cols, end)
+        nxt_t = _load(tea_ptr, row, s_tea, cols, end)
+        nan_p += (zp != zp).to(tl.float32)
+        nan_t += (zt != zt).to(tl.float32)
+        m_p, s_p = _online(m_p, s_p, tl.where(msk, zp, NEG_INF))
+        m_t, s_t = _online(m_t, s_t, tl.where(msk, zt, NEG_INF))
+    mp, sp, _ = _lane_lse(m_p, s_p)
+    mt, st, _ = _lane_lse(m_t, s_t)
     base = out_ptr + (row * ns + split) * 6
-    tl.store(base + 0, m_p)
-    tl.store(base + 1, s_p)
-    tl.store(base + 2, m_t)
-    tl.store(base + 3, s_t)
-    tl.store(base + 4, nan_p)
-    tl.store(base + 5, nan_t)
+    tl.store(base + 0, mp)
+    tl.store(base + 1, sp)
+    tl.store(base + 2, mt)
+    tl.store(base + 3, st)
+    tl.store(base + 4, tl.sum(nan_p, 0))
+    tl.store(base + 5, tl.sum(nan_t, 0))
+
+
+@triton.jit
+def _pick(x, k):
+    """x[k] of a small 1-D tensor, as a scalar."""
+    return tl.sum(tl.where(tl.arange(0, x.shape[0]) == k, x, tl.zeros_like(x)), 0)
+
+
+@triton.jit
+def _probes4(probes, k):
+    return _pick(probes, k), _pick(probes, k + 1), _pick(probes, k + 2), _pick(probes, k + 3)
+
+
+@triton.jit
+def _count4(group, key, p_in, pr):
+    """Per lane, add p_in where key >= each of 4 probe keys."""
+    return (
+        group[0] + tl.where(key >= pr[0], p_in, 0.0),
+        group[1] + tl.where(key >= pr[1], p_in, 0.0),
+        group[2] + tl.where(key >= pr[2], p_in, 0.0),
+        group[3] + tl.where(key >= pr[3], p_in, 0.0),
+    )
+
+
+@triton.jit
+def _count16(acc, key, p_in, pr):
+    return (
+        _count4(acc[0], key, p_in, pr[0]),
+        _count4(acc[1], key, p_in, pr[1]),
+        _count4(acc[2], key, p_in, pr[2]),
+        _count4(acc[3], key, p_in, pr[3]),
+    )
 
 
 @triton.jit
@@ -121,9 +227,15 @@ def _topp_kernel(
     split = tl.program_id(1)
     ns = tl.num_programs(1)
     lse_t = _combine_lse(stats_ptr, row, ns, 6, 2, NS_PAD)
-    lo = tl.load(state_in + row * 2)  # the host writes the first pass's state: (-2^31, 2^31)
-    hi = tl.load(state_in + row * 2 + 1)
-    if not FIRST:
+    if FIRST:  # the whole key range; written down for the next pass
+        lo = tl.full((), -(2**31), tl.int64)
+        hi = tl.full((), 2**31, tl.int64)
+        if split == 0:
+            tl.store(state_out + row * 2, lo)
+            tl.store(state_out + row * 2 + 1, hi)
+    else:
+        lo = tl.load(state_in + row * 2)
+        hi = tl.load(state_in + row * 2 + 1)
         i = tl.arange(0, NS_PAD)
         j = tl.arange(0, K)
         mass = tl.sum(tl.load(part_in + (row * ns + i[:, None]) * K + j[None, :], mask=(i < ns)[:, None], other=0.0), 0)
@@ -138,159 +250,36 @@ def _topp_kernel(
         if split == 0:
             tl.store(thr_ptr + row, lo)
     else:
-        probes = _topp_probes(lo, hi, K)
-        acc = tl.zeros((K,), tl.float32)
+        # per lane: mass at or above hi (`above`), and per probe the mass in [probe, hi) (`acc`); a block with no
+        # mass in [lo, hi) skips the probes (after the first pass most blocks do)
+        tl.static_assert(K == 16)  # 4 groups of 4 per-lane sums (1-D: no layout shuffles in the loop)
+        probes = _topp_probes(lo, hi, K).to(tl.int32)  # (K,) inside (lo, hi), so within int32
+        pr = (_probes4(probes, 0), _probes4(probes, 4), _probes4(probes, 8), _probes4(probes, 12))
+        lo32 = tl.maximum(lo, -(2**31)).to(tl.int32)
+        hi32 = tl.minimum(hi, 2**31 - 1).to(tl.int32)  # hi = 2^31 only while nothing is above it
+        above = tl.zeros((BLOCK,), tl.float32)
+        group = (above, above, above, above)
+        acc = (group, group, group, group)
         start = split * chunk
         end = tl.minimum(start + chunk, V)
-        for rel in range(0, chunk, BLOCK):
-            off = start + rel
-            cols = off + tl.arange(0, BLOCK)
+        cols = start + tl.arange(0, BLOCK)
+        nxt = _load(tea_ptr, row, s_tea, cols, end)
+        for _ in range(0, chunk, BLOCK):
             msk = cols < end
-            raw = tl.load(tea_ptr + row * s_tea + cols, mask=msk, other=0.0).to(tl.float32)
-            p = tl.where(msk, tl.exp(raw * inv_temp - lse_t), 0.0)
-            key = _key(raw).to(tl.int64)
-            acc += tl.sum(tl.where(key[None, :] >= probes[:, None], p[None, :], 0.0), 1)
-        tl.store(part_out + (row * ns + split) * K + tl.arange(0, K), acc)
-
-
-@triton.jit
-def _alpha_points(lo, hi, d_lo, d_hi, K: tl.constexpr):
-    """K-1 evenly spaced interior points of [lo, hi] and, last, the regula-falsi estimate (midpoint if unknown)."""
-    j = tl.arange(0, K)
-    grid = lo + (hi - lo) * (j + 1).to(tl.float32) / K
-    known = (d_lo == d_lo) & (d_hi == d_hi) & (d_hi > d_lo)
-    est = tl.where(known, lo - d_lo * (hi - lo) / tl.where(known, d_hi - d_lo, 1.0), 0.5 * (lo + hi))
-    est = tl.minimum(tl.maximum(est, lo), hi)
-    return tl.where(j == K - 1, est, grid)
-
-
-@triton.jit
-def _alpha_kernel(
-    pol_ptr,
-    tea_ptr,
-    s_pol,
-    s_tea,
-    V,
-    chunk,
-    inv_temp,
-    stats_ptr,
-    thr_ptr,
-    extra_ptr,
-    part_in,
-    part_out,
-    state_in,
-    state_out,
-    alpha_ptr,
-    equal_tol,
-    FIRST: tl.constexpr,
-    LAST: tl.constexpr,
-    HAS_SUPPORT: tl.constexpr,
-    K: tl.constexpr,
-    NS_PAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # Root of Delta(a) = E_{q_a}[ell] - c on the support, q_a ∝ exp(lp + a * ell), ell = lt - lp, c = the shift
-    # from renormalising both models on the support. state: (2, B, 4) = (lo, hi, Delta(lo), Delta(hi)), NaN =
-    # not evaluated; part: (2, B, ns, K, 3) = (max, sum e, sum e * ell) per point; extra: (B, ns, 6) from the first
-    # pass = log-mass of each model on the support (max, sumexp) and min / max of ell there.
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    ns = tl.num_programs(1)
-    lse_p = _combine_lse(stats_ptr, row, ns, 6, 0, NS_PAD)
-    lse_t = _combine_lse(stats_ptr, row, ns, 6, 2, NS_PAD)
-    thr = tl.load(thr_ptr + row)  # the host writes -2^31 when there is no support constraint
-    lo = tl.load(state_in + row * 4)  # the host writes the first pass's state: (0, 1, nan, nan)
-    hi = tl.load(state_in + row * 4 + 1)
-    d_lo = tl.load(state_in + row * 4 + 2)
-    d_hi = tl.load(state_in + row * 4 + 3)
-    if not FIRST:
-        # 1) finalise the previous pass: Delta at its K points -> the new bracket
-        c = 0.0
-        if HAS_SUPPORT:
-            c = _combine_lse(extra_ptr, row, ns, 6, 2, NS_PAD) - _combine_lse(extra_ptr, row, ns, 6, 0, NS_PAD)
-        i = tl.arange(0, NS_PAD)
-        j = tl.arange(0, K)
-        base = part_in + ((row * ns + i[:, None]) * K + j[None, :]) * 3
-        m = tl.load(base, mask=(i < ns)[:, None], other=M_INIT)  # (NS_PAD, K)
-        mm = tl.max(m, 0)  # (K,)
-        w = tl.exp(m - mm[None, :])
-        s0 = tl.sum(tl.load(base + 1, mask=(i < ns)[:, None], other=0.0) * w, 0)
-        s1 = tl.sum(tl.load(base + 2, mask=(i < ns)[:, None], other=0.0) * w, 0)
-        delta = s1 / s0 - c  # (K,)
-        pts = _alpha_points(lo, hi, d_lo, d_hi, K)
-        new_lo = tl.max(tl.where(delta < 0, pts, -1.0), 0)
-        new_hi = tl.min(tl.where(delta > 0, pts, 2.0), 0)
-        nd_lo = tl.max(tl.where((pts == new_lo) & (delta < 0), delta, NEG_INF), 0)
-        nd_hi = tl.min(tl.where((pts == new_hi) & (delta > 0), delta, float("inf")), 0)
-        d_lo = tl.where(new_lo > lo, nd_lo, d_lo)
-        lo = tl.maximum(lo, new_lo)
-        d_hi = tl.where(new_hi < hi, nd_hi, d_hi)
-        hi = tl.minimum(hi, new_hi)
-        swap = lo > hi  # float noise right at the root: keep a valid interval
-        lo, hi = tl.where(swap, hi, lo), tl.where(swap, lo, hi)
-        if split == 0:
-            tl.store(state_out + row * 4, lo)
-            tl.store(state_out + row * 4 + 1, hi)
-            tl.store(state_out + row * 4 + 2, d_lo)
-            tl.store(state_out + row * 4 + 3, d_hi)
-            if LAST:
-                ell_min = tl.min(tl.load(extra_ptr + (row * ns + i) * 6 + 4, mask=i < ns, other=float("inf")), 0)
-                ell_max = tl.max(tl.load(extra_ptr + (row * ns + i) * 6 + 5, mask=i < ns, other=NEG_INF), 0)
-                same = tl.maximum(ell_max - c, c - ell_min) <= equal_tol
-                est = tl.max(tl.where(tl.arange(0, K) == K - 1, _alpha_points(lo, hi, d_lo, d_hi, K), -1.0), 0)
-                tl.store(alpha_ptr + row, tl.where(same, 0.5, est))
-    if not LAST:
-        # 2) accumulate this pass: for each point a, online (max, sum e, sum e * ell) with e = exp(lp + a ell - max)
-        pts = _alpha_points(lo, hi, d_lo, d_hi, K)  # (K,)
-        m = tl.zeros((K,), tl.float32) + M_INIT
-        s0 = tl.zeros((K,), tl.float32)
-        s1 = tl.zeros((K,), tl.float32)
-        mp = M_INIT
-        sp = 0.0
-        mt = M_INIT
-        st = 0.0
-        ell_min = float("inf")
-        ell_max = NEG_INF
-        start = split * chunk
-        end = tl.minimum(start + chunk, V)
-        for rel in range(0, chunk, BLOCK):
-            off = start + rel
-            cols = off + tl.arange(0, BLOCK)
-            msk = cols < end
-            lp, _ = _load_logp(pol_ptr, row, s_pol, cols, msk, inv_temp, lse_p)
-            lt, raw_t = _load_logp(tea_ptr, row, s_tea, cols, msk, inv_temp, lse_t)
-            on = msk
-            if HAS_SUPPORT:
-                on = on & (_key(raw_t).to(tl.int64) >= thr)
-            ell = tl.where(on, lt - lp, 0.0)
-            x = tl.where(on[None, :], lp[None, :] + pts[:, None] * ell[None, :], NEG_INF)  # (K, BLOCK)
-            m_new = tl.maximum(m, tl.max(x, 1))
-            e = tl.exp(x - m_new[:, None])
-            scale = tl.exp(m - m_new)
-            s0 = s0 * scale + tl.sum(e, 1)
-            s1 = s1 * scale + tl.sum(e * ell[None, :], 1)
-            m = m_new
+            raw = nxt.to(tl.float32)
+            cols += BLOCK
+            nxt = _load(tea_ptr, row, s_tea, cols, end)
+            p = tl.where(msk, _exp(raw * inv_temp - lse_t), 0.0)
+            key = _key(raw)
+            top = (key >= hi32) & (hi < 2**31)
+            above += tl.where(top, p, 0.0)
+            p_in = tl.where((key >= lo32) & ~top, p, 0.0)
             if FIRST:
-                lpm = tl.where(on, lp, NEG_INF)
-                ltm = tl.where(on, lt, NEG_INF)
-                mp_new = tl.maximum(mp, tl.max(lpm, 0))
-                sp = sp * tl.exp(mp - mp_new) + tl.sum(tl.exp(lpm - mp_new), 0)
-                mp = mp_new
-                mt_new = tl.maximum(mt, tl.max(ltm, 0))
-                st = st * tl.exp(mt - mt_new) + tl.sum(tl.exp(ltm - mt_new), 0)
-                mt = mt_new
-                ell_min = tl.minimum(ell_min, tl.min(tl.where(on, ell, float("inf")), 0))
-                ell_max = tl.maximum(ell_max, tl.max(tl.where(on, ell, NEG_INF), 0))
-        j = tl.arange(0, K)
-        base = part_out + ((row * ns + split) * K + j) * 3
-        tl.store(base, m)
-        tl.store(base + 1, s0)
-        tl.store(base + 2, s1)
-        if FIRST:
-            eb = extra_ptr + (row * ns + split) * 6
-            tl.store(eb + 0, mp)
-            tl.store(eb + 1, sp)
-            tl.store(eb + 2, mt)
-            tl.store(eb + 3, st)
-            tl.store(eb + 4, ell_min)
-            tl.store(eb + 5, ell_max)
+                acc = _count16(acc, key, p_in, pr)
+            elif tl.max(p_in, 0) > 0:
+                acc = _count16(acc, key, p_in, pr)
+        base = part_out + (row * ns + split) * K
+        total_above = tl.sum(above, 0)
+        for g in tl.static_range(4):
+            for k in tl.static_range(4):
+                tl.store(base + 4 * g + k, tl.sum(acc[g][k], 0) + total_above)

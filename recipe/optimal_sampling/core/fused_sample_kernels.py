@@ -2,21 +2,37 @@
 
 Owns `_sample_kernel` (mixing on the support at the final alpha, exponential-race sampling with an in-kernel
 Philox stream keyed by (seed, step), the sums behind the diagnostics) and `_epilogue_kernel` (combines the splits
-of a row into the token and its record). Shares the helpers and conventions of `fused_kernels` (splits, online
-log-sum-exp, order-preserving keys); knows nothing about models or configs.
+of a row into the token and its record). Shares the helpers and conventions of `fused_kernels` (splits, per-lane
+online log-sum-exp, order-preserving keys); knows nothing about models or configs.
 """
 
 import triton
 import triton.language as tl
 
-from .fused_kernels import FLOOR, M_INIT, NEG_INF, _combine_lse, _key, _load_logp
+from .fused_kernels import (
+    FLOOR,
+    M_INIT,
+    NEG_INF,
+    _combine_lse,
+    _key,
+    _lane_lse,
+    _load,
+    _log_approx,
+    _logp,
+    _online,
+    _online_xy,
+    _store_lse,
+)
 
 
 @triton.jit
-def _online(m, s, x):
-    """One block of an online log-sum-exp; x: (BLOCK,) with -inf where absent. Returns the new (max, sum)."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+def _uniform(seed, offset, BLOCK: tl.constexpr):
+    """(BLOCK,) uniforms in (0, 1]: one Philox call per 4 consecutive columns (offset: (BLOCK // 4,) int64, a unique
+    counter per group of 4), its 4 outputs interleaved so that column 4 i + j gets output j of group i."""
+    r0, r1, r2, r3 = tl.randint4x(seed, offset)
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3)).to(tl.int32, bitcast=True)
+    bits = tl.where(bits < 0, -bits - 1, bits)  # as triton.language.random.uint_to_uniform_float
+    return tl.maximum(bits.to(tl.float32) * 4.6566127342e-10, 1.0e-30)
 
 
 @triton.jit
@@ -47,75 +63,63 @@ def _sample_kernel(
     ns = tl.num_programs(1)
     lse_p = _combine_lse(stats_ptr, row, ns, 6, 0, NS_PAD)
     lse_t = _combine_lse(stats_ptr, row, ns, 6, 2, NS_PAD)
-    thr = tl.load(thr_ptr + row)
+    thr = 0
+    if HAS_SUPPORT:
+        thr = tl.load(thr_ptr + row).to(tl.int32)
     step = tl.load(step_ptr)
     a = tl.where(step < force_n, 1.0, tl.load(alpha_ptr + row))
     seed = tl.load(seed_ptr) + step * 1000003
-    m = M_INIT
-    s_x = 0.0
-    s_ell = 0.0
-    s_lp = 0.0
-    best = NEG_INF
-    best_i = 0.0
-    m_sp = M_INIT
-    s_sp = 0.0
-    m_st = M_INIT
-    s_st = 0.0
-    m_y1 = M_INIT
-    s_y1 = 0.0
-    m_y2 = M_INIT
-    s_y2 = 0.0
-    count = 0.0
+    z = tl.zeros((BLOCK,), tl.float32)
+    m, s_x, s_ell, s_lp = z + M_INIT, z, z, z
+    best, best_i = z + NEG_INF, z
+    m_sp, s_sp, m_st, s_st, m_y1, s_y1, m_y2, s_y2 = z + M_INIT, z, z + M_INIT, z, z + M_INIT, z, z + M_INIT, z
+    count = z
     start = split * chunk
     end = tl.minimum(start + chunk, V)
-    for rel in range(0, chunk, BLOCK):
-        off = start + rel
-        cols = off + tl.arange(0, BLOCK)
-        msk = cols < end
-        lp, _ = _load_logp(pol_ptr, row, s_pol, cols, msk, inv_temp, lse_p)
-        lt, raw_t = _load_logp(tea_ptr, row, s_tea, cols, msk, inv_temp, lse_t)
-        on = msk
+    cols = start + tl.arange(0, BLOCK)
+    groups = row * V + start + 4 * tl.arange(0, BLOCK // 4)  # Philox counters of this block's groups of 4
+    nxt_p = _load(pol_ptr, row, s_pol, cols, end)
+    nxt_t = _load(tea_ptr, row, s_tea, cols, end)
+    for _ in range(0, chunk, BLOCK):
+        on = cols < end
+        lp = _logp(nxt_p, inv_temp, lse_p)
+        lt = _logp(nxt_t, inv_temp, lse_t)
         if HAS_SUPPORT:
-            on = on & (_key(raw_t).to(tl.int64) >= thr)
+            on = on & (_key(nxt_t.to(tl.float32)) >= thr)
+        here = cols
+        cols += BLOCK
+        nxt_p = _load(pol_ptr, row, s_pol, cols, end)
+        nxt_t = _load(tea_ptr, row, s_tea, cols, end)
         ell = lt - lp
-        x = tl.where(on, (1.0 - a) * lp + a * lt, NEG_INF)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        scale = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
-        s_x = s_x * scale + tl.sum(e, 0)
-        s_ell = s_ell * scale + tl.sum(e * ell, 0)
-        s_lp = s_lp * scale + tl.sum(e * lp, 0)
-        m = m_new
+        x = tl.where(on, lp + a * ell, NEG_INF)  # (1 - a) lp + a lt
+        m, s_x, s_ell, s_lp = _online_xy(m, s_x, s_ell, s_lp, x, ell, lp)
         # exponential race: argmax log q - log E, E = -log U ~ Exp(1)
-        u = tl.maximum(tl.rand(seed, row * V + cols), 1.0e-30)
-        r = tl.where(on, x - tl.log(-tl.log(u)), NEG_INF)
-        r_best = tl.max(r, 0)
-        r_idx = tl.argmax(r, 0)
-        better = r_best > best
-        best_i = tl.where(better, (off + r_idx).to(tl.float32), best_i)
-        best = tl.where(better, r_best, best)
+        r = tl.where(on, x - _log_approx(-tl.log(_uniform(seed, groups, BLOCK))), NEG_INF)
+        groups += BLOCK
+        better = r > best
+        best_i = tl.where(better, here.to(tl.float32), best_i)
+        best = tl.where(better, r, best)
         if DIAG:
             m_sp, s_sp = _online(m_sp, s_sp, tl.where(on, lp, NEG_INF))
             m_st, s_st = _online(m_st, s_st, tl.where(on, lt, NEG_INF))
             m_y1, s_y1 = _online(m_y1, s_y1, tl.where(on, lp - a * ell, NEG_INF))
             m_y2, s_y2 = _online(m_y2, s_y2, tl.where(on, lt + (1.0 - a) * ell, NEG_INF))
-            count += tl.sum(on.to(tl.float32), 0)
+            count += on.to(tl.float32)
     base = part_ptr + (row * ns + split) * 16
-    tl.store(base + 0, m)
-    tl.store(base + 1, s_x)
-    tl.store(base + 2, s_ell)
-    tl.store(base + 3, s_lp)
-    tl.store(base + 4, best)
-    tl.store(base + 5, best_i)
-    tl.store(base + 6, m_sp)
-    tl.store(base + 7, s_sp)
-    tl.store(base + 8, m_st)
-    tl.store(base + 9, s_st)
-    tl.store(base + 10, m_y1)
-    tl.store(base + 11, s_y1)
-    tl.store(base + 12, m_y2)
-    tl.store(base + 13, s_y2)
-    tl.store(base + 14, count)
+    mm, t0, w = _lane_lse(m, s_x)
+    tl.store(base + 0, mm)
+    tl.store(base + 1, t0)
+    tl.store(base + 2, tl.sum(s_ell * w, 0))
+    tl.store(base + 3, tl.sum(s_lp * w, 0))
+    win = tl.argmax(best, 0)
+    tl.store(base + 4, tl.max(best, 0))
+    tl.store(base + 5, tl.sum(tl.where(tl.arange(0, BLOCK) == win, best_i, 0.0), 0))
+    if DIAG:
+        _store_lse(base + 6, m_sp, s_sp)
+        _store_lse(base + 8, m_st, s_st)
+        _store_lse(base + 10, m_y1, s_y1)
+        _store_lse(base + 12, m_y2, s_y2)
+        tl.store(base + 14, tl.sum(count, 0))
 
 
 @triton.jit
