@@ -7,7 +7,9 @@ step 0 = the validation before training).
 Writes into --out: `curves.png` (held-out policy-only accuracy against steps, against cumulative rollout forward
 tokens and against cumulative wall-clock; mean +- std over seeds), `tables.md` (accuracy at fixed steps, steps /
 forward tokens / seconds to reach the target accuracy, per-arm alpha, IS-weight and cost statistics) and
-`summary.json` (the same numbers). Std is the sample std over seeds (ddof = 1; 0 for one seed).
+`summary.json` (the same numbers). Std is the sample std over seeds (ddof = 1; 0 for one seed). With
+`--replicates OTHER_DIR` (another launch of the same arms and seeds, possibly stopped early) tables.md also gets the
+run-to-run accuracy differences of each arm and seed and the accuracy pooled over both launches.
 
 Compute: forward tokens are the servers' per-step counts (`optimal_sampling/policy_forward_tokens` +
 `--teacher-cost` x `optimal_sampling/teacher_forward_tokens`), summed over the steps up to the validation;
@@ -43,10 +45,12 @@ STATS = (  # per-arm means over training steps and seeds: (column, metric)
     ("IS w ESS", "rollout_corr/rollout_is_eff_sample_size"),
     ("IS w > C frac", "rollout_corr/rollout_is_ratio_fraction_high"),
     ("train reward", "critic/score/mean"),
+    ("zero-adv frac", "optimal_sampling/zero_advantage_frac"),  # logged since after the 2026-11-27 runs
     ("policy tok/step", POLICY_TOKENS),
     ("teacher tok/step", TEACHER_TOKENS),
     ("s/step", STEP_SECONDS),
     ("gen s/step", "timing_s/gen"),
+    ("server-trainer abs diff log pi", "optimal_sampling/logp_policy_server_vs_trainer"),
 )
 
 
@@ -152,6 +156,46 @@ def accuracy_table(runs: dict[str, dict[int, Run]], at_steps: list[int]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(runs: dict[str, dict[int, Run]], step: int) -> str:
+    """Every seed's accuracy at one validation step, sorted: shows overlaps that a mean ± std hides."""
+    lines = [f"| arm | accuracy @ step {step}, each seed (ascending) |", "|---|---|"]
+    for arm, seeds in runs.items():
+        values = sorted(a for r in seeds.values() if (a := acc_at(r, step)) is not None)
+        lines.append(f"| {arm} | " + (", ".join(f"{a:.3f}" for a in values) or "-") + " |")
+    return "\n".join(lines)
+
+
+def replicate_table(runs: dict[str, dict[int, Run]], other: dict[str, dict[int, Run]]) -> str:
+    """The same arm and seed launched twice: accuracy differences at the validation steps both launches have
+    (step 0 left out: it is before any training and the same by construction)."""
+    lines = [
+        "| arm | runs launched twice | validations compared | mean abs diff | max abs diff |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, seeds in runs.items():
+        diffs, pairs = [], 0
+        for seed, run in seeds.items():
+            twin = other.get(arm, {}).get(seed)
+            if twin is None:
+                continue
+            common = sorted(set(run.steps.tolist()) & set(twin.steps.tolist()) - {0})
+            pairs += bool(common)
+            diffs += [abs(acc_at(run, s) - acc_at(twin, s)) for s in common]
+        cells = f"{float(np.mean(diffs)):.3f} | {max(diffs):.3f}" if diffs else "- | -"
+        lines.append(f"| {arm} | {pairs} | {len(diffs)} | {cells} |")
+    return "\n".join(lines)
+
+
+def pooled(runs: dict[str, dict[int, Run]], other: dict[str, dict[int, Run]]) -> dict[str, dict[str, Run]]:
+    """Both launches' runs per arm, keyed "seed<k>" and "seed<k>'" (the other launch)."""
+    out: dict[str, dict[str, Run]] = {}
+    for arm in runs.keys() | other.keys():
+        out[arm] = {f"seed{k}": r for k, r in runs.get(arm, {}).items()}
+        out[arm].update({f"seed{k}'": r for k, r in other.get(arm, {}).items()})
+    order = {arm: i for i, arm in enumerate(ARM_ORDER)}
+    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
 def target_table(runs: dict[str, dict[int, Run]], target: float) -> str:
     lines = [
         f"| arm | seeds reaching {target:g} | steps | forward tokens | seconds |",
@@ -237,6 +281,12 @@ def main(argv=None) -> None:
     parser.add_argument("--target", type=float, default=0.21, help="accuracy to reach (pre-registered: 0.21)")
     parser.add_argument("--at-steps", default="0,10,20,30,40", help="comma-separated validation steps for the table")
     parser.add_argument("--teacher-cost", type=float, default=1.0, help="a teacher forward token in policy tokens")
+    parser.add_argument(
+        "--replicates",
+        default=None,
+        help="another launch of the same arms and seeds (complete or stopped early): run-to-run differences and "
+        "accuracy pooled over both launches, as extra tables",
+    )
     args = parser.parse_args(argv)
     if not (0 < args.target <= 1 and args.teacher_cost >= 0 and math.isfinite(args.teacher_cost)):
         raise ValueError(f"--target must be in (0, 1] and --teacher-cost >= 0, got {args.target}, {args.teacher_cost}")
@@ -249,8 +299,18 @@ def main(argv=None) -> None:
         + accuracy_table(runs, at_steps),
         f"### To reach accuracy {args.target:g} (first validation at or above it)\n\n"
         + target_table(runs, args.target),
+        f"### Each seed at step {at_steps[-1]}\n\n" + seed_table(runs, at_steps[-1]),
         "### Per-arm statistics (means over training steps and seeds)\n\n" + stats_table(runs),
     ]
+    if args.replicates:
+        other = load_runs(args.replicates, args.teacher_cost)
+        both = pooled(runs, other)
+        tables += [
+            "### The same arm and seed, launched twice (this launch against --replicates)\n\n"
+            + replicate_table(runs, other),
+            "### Accuracy pooled over both launches (runs per arm in the second column)\n\n"
+            + accuracy_table(both, at_steps),
+        ]
     with open(os.path.join(args.out, "tables.md"), "w") as f:
         f.write("\n\n".join(tables) + "\n")
     with open(os.path.join(args.out, "summary.json"), "w") as f:

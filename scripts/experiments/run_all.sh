@@ -29,14 +29,15 @@ PER_GPU=${PER_GPU:-7}                                         # runs at once on 
 STAGGER_S=${STAGGER_S:-5}                                     # seconds between run starts (start-up contention)
 N_TRAIN=${N_TRAIN:-4096}                                      # train problems (more than steps x batch: no epoch)
 N_TEST=${N_TEST:-512}                                         # held-out problems (policy-only greedy accuracy)
+JOBS=${JOBS:-}                                                 # "arm:seed ..." to run just these (else ARMS x SEEDS)
 DRY_RUN=${DRY_RUN:-0}                                         # 1: print the commands, run nothing
 export DRY_RUN
 
 read -r -a arms <<< "${ARMS}"
 read -r -a seeds <<< "${SEEDS}"
 read -r -a gpus <<< "${GPUS}"
-jobs=()
-for seed in "${seeds[@]}"; do
+read -r -a jobs <<< "${JOBS}"
+[ ${#jobs[@]} -eq 0 ] && for seed in "${seeds[@]}"; do
     for arm in "${arms[@]}"; do
         jobs+=("${arm}:${seed}")                              # seed-major: a wave holds every arm of one seed
     done

@@ -26,6 +26,9 @@ RAY_OBJECT_STORE_BYTES=${RAY_OBJECT_STORE_BYTES:-2000000000}  # per run: several
 DEADLINE_EPOCH=${DEADLINE_EPOCH:-0}                           # Unix time at which the run is stopped; 0 = never
 MIN_RUN_S=${MIN_RUN_S:-300}                                   # do not start a run with less time than this left
 DRY_RUN=${DRY_RUN:-0}                                         # 1: print the training command, run nothing
+# Many runs on one host exhaust threads: with 21 runs at once on 64 cores, 5 runs died at start-up ("Resource
+# temporarily unavailable", a Rust thread pool that could not start); the relaunches with this cap had none.
+export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-4}
 RUN_DIR=${EXP_DIR}/${ARM}/seed${SEED}
 METRICS=${RUN_DIR}/metrics.jsonl
 KEY=actor_rollout_ref.rollout.engine_kwargs.optimal_sampling

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from recipe.optimal_sampling.core import mix_logprobs, solve_alpha, teacher_top_p_support, token_diagnostics
-from tests.core.reference import bisect_root64, delta64, random_logp
+from tests.core.reference import bisect_root64, delta64, q_alpha64, random_logp, restrict64
 
 V_FULL = 151_936  # Qwen3's vocabulary
 
@@ -101,6 +101,29 @@ def test_entropy_alpha_trusts_the_more_confident_model():
     h = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
     torch.testing.assert_close(alpha, h(flat) / (h(flat) + h(sharp)))
     assert (alpha > 0.5).all()
+
+
+def ess_gap64(lp, lt, alpha, support=None):
+    """log sum pi_theta^2 / q - log sum pi_t^2 / q in float64, restricted to the support (off it: no terms)."""
+    lp_s, lt_s = restrict64(lp, support), restrict64(lt, support)
+    logq = q_alpha64(lp_s, lt_s, alpha, support)
+    on = logq > float("-inf")
+    log_sum = lambda x: torch.where(on, x, torch.full_like(x, float("-inf"))).logsumexp(-1)  # noqa: E731
+    return log_sum(2 * lp_s - logq) - log_sum(2 * lt_s - logq)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ess_balance_on_a_support_matches_float64_bisection(seed):
+    """With a top-p support (the presets' setting), off-support terms must not turn the ESS gap into NaN."""
+    lp, lt = random_logp(seed, V=16, scale=3.0), random_logp(seed + 9, V=16, scale=3.0)
+    support = teacher_top_p_support(lt, 0.9)
+    alpha = solve_alpha(lp, lt, support=support, method="ess_balance")
+    expected = bisect_root64(lambda a: ess_gap64(lp, lt, a, support), B=4)
+    single = support.sum(-1) == 1  # one token: both restrictions are the same one-hot, alpha = 0.5
+    assert (~single).any(), "the test needs rows with a support of several tokens"
+    expected = torch.where(single, torch.full_like(expected, 0.5), expected)
+    assert ((expected > 1e-3) & (expected < 1 - 1e-3) | single).all(), expected  # interior roots: a real check
+    assert (alpha.double() - expected).abs().max() < 1e-5, (alpha, expected)
 
 
 @pytest.mark.parametrize("seed", range(3))

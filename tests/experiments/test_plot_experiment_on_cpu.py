@@ -154,3 +154,30 @@ def test_files_the_axes_cannot_be_built_from_are_errors(tmp_path):
         plot.load_runs(str(tmp_path))
     with pytest.raises(ValueError, match="--target"):
         plot.main(["--exp-dir", str(tmp_path), "--target", "0"])
+
+
+def test_seed_table_lists_every_seed_sorted(exp_dir):
+    table = plot.seed_table(plot.load_runs(str(exp_dir)), 4)
+    for arm, seeds in ACCURACY.items():
+        values = sorted(acc[VAL_STEPS.index(4)] for acc in seeds.values())
+        assert table_row(table, arm)[1] == ", ".join(f"{a:.3f}" for a in values)
+
+
+def test_replicates_give_run_to_run_differences_and_pooled_accuracy(exp_dir, tmp_path):
+    """A second launch: on_policy seed 0 again with other accuracies, balanced seed 0 stopped after step 2."""
+    other = tmp_path / "launch2"
+    write_run(other, "on_policy", 0, [0.10, 0.25, 0.30])
+    write_run(other, "balanced", 0, [0.10, 0.40, 0.50])
+    (other / "balanced" / "seed0" / "metrics.jsonl").write_text(
+        "".join(x for x in (other / "balanced" / "seed0" / "metrics.jsonl").read_text().splitlines(True)[:3])
+    )
+    runs, again = plot.load_runs(str(exp_dir)), plot.load_runs(str(other))
+    table = plot.replicate_table(runs, again)
+    assert table_row(table, "on_policy")[1:] == ["1", "2", f"{(0.05 + 0.10) / 2:.3f}", "0.100"]  # steps 2 and 4
+    assert table_row(table, "balanced")[1:] == ["1", "1", "0.100", "0.100"]  # step 2 only (0.30 vs 0.40)
+    assert table_row(table, "fixed_alpha_1")[1:] == ["0", "0", "-", "-"]
+    pooled = plot.accuracy_table(plot.pooled(runs, again), [2, 4])
+    on_policy = [acc for acc in ACCURACY["on_policy"].values()] + [[0.10, 0.25, 0.30]]
+    assert table_row(pooled, "on_policy")[1:] == ["4", cell([a[1] for a in on_policy]), cell([a[2] for a in on_policy])]
+    balanced_4 = [acc[2] for acc in ACCURACY["balanced"].values()]  # the second launch never got to step 4
+    assert table_row(pooled, "balanced")[3] == cell(balanced_4) + " (3/4 seeds)"

@@ -306,9 +306,10 @@ def put_step(tq, outputs, partition: str, padding_rows: int = 0):
     """Agent-loop outputs into TransferQueue as verl's AgentLoopWorkerTQ puts them, plus the trainer's old_log_probs
     (here log q*); `padding_rows` duplicates of the first row tagged is_padding, as verl pads a batch."""
     rows = []
-    for out in outputs:
+    for i, out in enumerate(outputs):
         field = out.as_dict()
         field["old_log_probs"] = field["rollout_log_probs"]
+        field["advantages"] = field["rollout_log_probs"] * 0 + (i % 3 == 0)  # every third response has a signal
         rows.append(field)
     rows += [rows[0]] * padding_rows
     keys = [f"{partition}_{i}_0_0" for i in range(len(rows))]
@@ -328,6 +329,8 @@ def test_trainer_step_metrics_read_forward_tokens_from_transfer_queue(servers, t
     policy_tokens = sum(len(o.prompt_ids) + k - 1 for o, k in zip(outputs, n, strict=True))
     assert metrics["optimal_sampling/policy_forward_tokens"] == policy_tokens
     assert metrics["optimal_sampling/num_tokens"] == sum(n)  # padding rows left out
+    with_signal = len(range(0, len(outputs), 3))
+    assert metrics["optimal_sampling/zero_advantage_frac"] == pytest.approx(1 - with_signal / len(outputs))
     assert all(np.isfinite(v) for v in metrics.values())
     if arm == "on_policy":  # teacher not run: no teacher tokens, no teacher statistics, alpha 0 everywhere
         assert metrics["optimal_sampling/teacher_forward_tokens"] == 0

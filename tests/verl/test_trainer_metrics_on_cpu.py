@@ -11,7 +11,13 @@ from omegaconf import OmegaConf
 from recipe.optimal_sampling.metrics import reduce_metrics
 from recipe.optimal_sampling.verl.agent_loop import TRACE_FIELDS
 from recipe.optimal_sampling.verl.reward import compute_score
-from recipe.optimal_sampling.verl.trainer import OptimalSamplingTrainer, alpha_figure, padded, step_metrics
+from recipe.optimal_sampling.verl.trainer import (
+    OptimalSamplingTrainer,
+    advantage_metrics,
+    alpha_figure,
+    padded,
+    step_metrics,
+)
 
 ISSUE_METRICS = (
     "alpha_mean alpha_std alpha_p10 alpha_p50 alpha_p90 forced_frac support_size_mean kl_q_policy kl_q_teacher "
@@ -55,6 +61,24 @@ def test_step_metrics_have_the_issue_names_and_naive_values():
     ratio = (fields["dual_ess_policy"][on].double().log() - fields["dual_ess_teacher"][on].double().log()).mean().exp()
     assert m["optimal_sampling/ess_ratio"] == pytest.approx(float(ratio))
     assert all(isinstance(v, float) for v in m.values())
+
+
+def test_zero_advantage_frac_counts_the_uniform_reward_groups_of_verls_grpo():
+    """verl's own GRPO advantages on 4 groups of 3: one all-right, one all-wrong, two mixed; responses of different
+    lengths (padding is not a nonzero advantage)."""
+    import numpy as np
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    rewards = torch.tensor([1, 1, 1, 0, 0, 0, 1, 0, 0, 1, 1, 0], dtype=torch.float32)  # (12,) groups of 3
+    lengths = torch.tensor([5, 2, 3, 1, 4, 5, 2, 5, 3, 4, 1, 2])
+    mask = (torch.arange(5) < lengths[:, None]).float()  # (12, 5)
+    token_rewards = torch.zeros(12, 5)
+    token_rewards[torch.arange(12), lengths - 1] = rewards  # the outcome reward on the last response token
+    index = np.repeat(np.array(["a", "b", "c", "d"], dtype=object), 3)
+    advantages, _ = compute_grpo_outcome_advantage(token_rewards, mask, index)
+    assert (advantages[6:] != 0).any()  # the mixed groups do carry a signal
+    assert advantage_metrics(advantages, mask) == {"optimal_sampling/zero_advantage_frac": 6 / 12}
+    assert advantage_metrics(torch.zeros(0, 5), torch.zeros(0, 5)) == {"optimal_sampling/zero_advantage_frac": 0.0}
 
 
 def test_fields_read_back_from_verls_nested_layout_pad_to_the_same_values():

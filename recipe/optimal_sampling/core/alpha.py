@@ -102,11 +102,14 @@ def _ess_balance_alpha(lp: Tensor, lt: Tensor, ell: Tensor, num_iters: int) -> T
     lp, lt: (B, V) floored log-probs, -inf off the support; ell: (B, V)."""
     lo = torch.zeros(lp.shape[:-1], dtype=torch.float32, device=lp.device)  # (B,)
     hi = torch.ones_like(lo)  # (B,)
+    on = lp > float("-inf")  # (B, V) the support: off it 2 lp - log q would be -inf - (-inf) = NaN
     for _ in range(num_iters):
         alpha = 0.5 * (lo + hi)  # (B,)
         logits = lp + alpha.unsqueeze(-1) * ell  # (B, V)
         logq = logits - logits.logsumexp(dim=-1, keepdim=True)  # (B, V)
-        gap = (2 * lp - logq).logsumexp(dim=-1) - (2 * lt - logq).logsumexp(dim=-1)  # (B,) increasing in alpha
+        log_ess_p = torch.where(on, 2 * lp - logq, float("-inf")).logsumexp(dim=-1)  # (B,) log sum pi_theta^2 / q
+        log_ess_t = torch.where(on, 2 * lt - logq, float("-inf")).logsumexp(dim=-1)  # (B,) log sum pi_t^2 / q
+        gap = log_ess_p - log_ess_t  # (B,) increasing in alpha
         lo = torch.where(gap < 0, alpha, lo)
         hi = torch.where(gap < 0, hi, alpha)
     return 0.5 * (lo + hi)

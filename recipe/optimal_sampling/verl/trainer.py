@@ -3,12 +3,13 @@ as `trainer.v1.trainer_mode=optimal_sampling_sync`.
 
 Differs from `PPOTrainerSync` in:
 - `_compute_metrics`: it also reads the per-token traces that `DualAgentLoop` wrote into TransferQueue (before verl
-  clears them), reduces them with `metrics.reduce_metrics`, adds the server-vs-trainer log-prob gap and the step's
-  model forward tokens (`forward_token_metrics`), and every `plot_freq` steps sends alpha plots to W&B;
+  clears them), reduces them with `metrics.reduce_metrics`, adds the server-vs-trainer log-prob gap, the step's
+  model forward tokens (`forward_token_metrics`) and the share of responses without a learning signal
+  (`advantage_metrics`), and every `plot_freq` steps sends alpha plots to W&B;
 - with `optimal_sampling.validate_policy_only`: `on_validate_begin`/`on_validate_end` switch the dual servers to
   policy-only sampling for the validation, and `_val_metrics_update` adds `optimal_sampling/val_policy_only_accuracy`.
 verl's own `rollout_corr/*` metrics come from its `_compute_advantage`. The maths of the reductions lives in
-`step_metrics` and `forward_token_metrics` (functions of tensors and dicts, tested on CPU).
+`step_metrics`, `forward_token_metrics` and `advantage_metrics` (functions of tensors and dicts, tested on CPU).
 """
 
 import math
@@ -51,6 +52,15 @@ def forward_token_metrics(extra_fields: list[dict]) -> dict[str, float]:
         assert all(v is not None for v in values), f"responses without {key}: {values.count(None)} of {len(values)}"
         out[f"{PREFIX}{model}_forward_tokens"] = float(sum(values))
     return out
+
+
+def advantage_metrics(advantages: Tensor, response_mask: Tensor) -> dict[str, float]:
+    """`optimal_sampling/zero_advantage_frac`: the share of responses whose advantage is 0 on every response token.
+    Under GRPO these are the groups whose rewards are all equal (all right or all wrong): they give no gradient.
+    Teacher-guided samples are mostly right, so this share says how much of a step's batch is spent for nothing.
+    advantages, response_mask: (B, T)."""
+    zero = ((advantages == 0) | ~response_mask.bool()).all(dim=-1)  # (B,)
+    return {PREFIX + "zero_advantage_frac": float(zero.double().mean()) if zero.numel() else 0.0}
 
 
 def os_config_of(config) -> OptimalSamplingConfig:
@@ -101,9 +111,10 @@ class OptimalSamplingTrainer(PPOTrainerSync):
         metrics.update(self._optimal_sampling_metrics(batch, global_steps))
 
     def _optimal_sampling_metrics(self, batch, global_steps: int) -> dict[str, float]:
-        """optimal_sampling/* of one step: trace statistics, forward tokens; alpha plots to W&B on plot steps."""
+        """optimal_sampling/* of one step: trace statistics, forward tokens, zero-advantage share; alpha plots to W&B
+        on plot steps."""
         # 1) the step's responses from TransferQueue, padding rows left out
-        select = [*TRACE_FIELDS, "rollout_log_probs", "old_log_probs", "response_mask"]
+        select = [*TRACE_FIELDS, "rollout_log_probs", "old_log_probs", "advantages", "response_mask"]
         data = tq.kv_batch_get(
             keys=batch.keys, partition_id=batch.partition_id, select_fields=[*select, "extra_fields"]
         )
@@ -116,7 +127,7 @@ class OptimalSamplingTrainer(PPOTrainerSync):
         if forward[PREFIX + "teacher_forward_tokens"] == 0:
             traces = {k: v for k, v in traces.items() if math.isfinite(v)}
         self._log_alpha_plots(fields, global_steps)
-        return {**traces, **forward}
+        return {**traces, **forward, **advantage_metrics(fields["advantages"], fields["response_mask"])}
 
     def on_validate_begin(self):
         # Differs from the base (a no-op): with validate_policy_only the servers sample from the policy alone.
