@@ -17,15 +17,26 @@ def random_logits(seed: int, B: int, sharpness: float, dtype) -> tuple[torch.Ten
     return lp.to(dtype), lt.to(dtype)
 
 
+# The top-p boundary is only defined up to float32 summation error: on a near-uniform row of 151,936 tokens one
+# token's mass (~7e-6) is below the error of a float32 cumsum, so the fused cut and teacher_top_p_support may differ
+# by a boundary token. Both are checked against the definition in float64, within this tolerance.
+TOP_P_TOL = 1e-5
+
+
 def reference_support(logits_t: torch.Tensor, top_p: float, thr: torch.Tensor, temperature: float) -> torch.Tensor:
-    """teacher_top_p_support, with every token tied with the cut value added (the fused cut keeps all ties)."""
-    lt = (logits_t.float() / temperature).log_softmax(-1)
-    ref = teacher_top_p_support(lt, top_p)
-    cut = torch.where(ref, logits_t.float(), float("inf")).amin(-1, keepdim=True)  # (B, 1)
-    mine = support_from_threshold(logits_t, thr)
-    assert (mine >= ref).all(), "the fused support misses a token of the reference support"
-    assert (logits_t.float()[mine & ~ref] == cut.expand_as(mine)[mine & ~ref]).all(), "extra tokens are not ties"
-    return mine
+    """The fused support, checked in float64: a top set of the teacher's logits (every token at or above its cut,
+    so ties are kept) whose mass reaches top_p, and whose mass without the tokens at the cut falls short of top_p:
+    the smallest such set, up to TOP_P_TOL."""
+    support = support_from_threshold(logits_t, thr)
+    z = logits_t.double()
+    p = (z / temperature).log_softmax(-1).exp()  # (B, V)
+    cut = torch.where(support, z, float("inf")).amin(-1, keepdim=True)  # (B, 1)
+    assert (support == (z >= cut)).all(), "the fused support is not a top set of the teacher's logits"
+    mass = (p * support).sum(-1)  # (B,)
+    inner = (p * (support & (z > cut))).sum(-1)  # (B,) without the tokens at the cut
+    assert (mass >= top_p - TOP_P_TOL).all(), ("mass below top_p", mass.min().item())
+    assert (inner < top_p + TOP_P_TOL).all(), ("not the smallest set", inner.max().item())
+    return support
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -36,8 +47,6 @@ def test_fused_alpha_matches_solve_alpha(dtype, sharpness, top_p):
     alpha, thr = fused_alpha(lg_p, lg_t, temperature=0.9, top_p=top_p)
     lp, lt = (lg_p.float() / 0.9).log_softmax(-1), (lg_t.float() / 0.9).log_softmax(-1)
     support = None if top_p is None else reference_support(lg_t, top_p, thr, 0.9)
-    if support is not None and dtype == torch.float32:
-        assert (support == teacher_top_p_support(lt, top_p)).all()
     torch.testing.assert_close(alpha, solve_alpha(lp, lt, support), atol=1e-4, rtol=0)
 
 
