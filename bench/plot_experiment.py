@@ -32,7 +32,10 @@ POLICY_TOKENS = "optimal_sampling/policy_forward_tokens"
 TEACHER_TOKENS = "optimal_sampling/teacher_forward_tokens"
 STEP_SECONDS = "timing_s/step"
 REACH = ("step", "tokens", "seconds")  # what first_reach returns
-ARM_ORDER = ("on_policy", "balanced", "conservative", "exploratory", "fixed_alpha_0.5", "fixed_alpha_1", "ess_balance")
+ARM_ORDER = (
+    *("on_policy", "balanced", "conservative", "exploratory", "fixed_alpha_0.5", "fixed_alpha_1", "ess_balance"),
+    *("mixed_1of8", "mixed_4of8"),
+)
 STATS = (  # per-arm means over training steps and seeds: (column, metric)
     ("alpha mean", "optimal_sampling/alpha_mean"),
     ("alpha p10", "optimal_sampling/alpha_p10"),
@@ -45,6 +48,7 @@ STATS = (  # per-arm means over training steps and seeds: (column, metric)
     ("IS w ESS", "rollout_corr/rollout_is_eff_sample_size"),
     ("IS w > C frac", "rollout_corr/rollout_is_ratio_fraction_high"),
     ("train reward", "critic/score/mean"),
+    ("guided frac", "optimal_sampling/guided_frac"),  # logged since after the 2026-11-27 runs
     ("zero-adv frac", "optimal_sampling/zero_advantage_frac"),  # logged since after the 2026-11-27 runs
     ("policy tok/step", POLICY_TOKENS),
     ("teacher tok/step", TEACHER_TOKENS),
