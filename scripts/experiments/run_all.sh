@@ -43,6 +43,11 @@ read -r -a jobs <<< "${JOBS}"
     done
 done
 slots=$((${#gpus[@]} * PER_GPU))
+cores=$(nproc)
+if [ "${slots}" -gt $((cores / 4)) ] && [ "${#jobs[@]}" -gt $((cores / 4)) ]; then  # measured: docs/experiments.md
+    echo "warning: up to ${slots} runs at once on ${cores} cores; 21 runs on 64 cores lost 5 at start-up (threads" \
+        "exhausted), 15 on 64 ran clean: keep about 4 cores per run (fewer PER_GPU, or JOBS in two commands)" >&2
+fi
 
 # 1) the task (datasets + the tiny teacher/policy), once: parallel runs must not each train the models
 cd "${REPO}"
