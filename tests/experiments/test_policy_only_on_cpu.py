@@ -14,19 +14,16 @@ import ray
 import torch
 from omegaconf import open_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from verl.experimental.agent_loop.agent_loop import DictConfigWrap
-from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 from verl.workers.rollout.llm_server import LLMServerClient
 from verl.workers.rollout.router import get_router_handle
 
 from recipe.optimal_sampling.engine import DualSampler, stop_ids_for
 from recipe.optimal_sampling.main import CONFIG_DIR
-from recipe.optimal_sampling.verl.agent_loop import DualAgentLoop
 from recipe.optimal_sampling.verl.config import OptimalSamplingConfig, check_trainer_config
 from recipe.optimal_sampling.verl.server import FORWARD_TOKEN_KEYS, POLICY_ONLY, generate_policy_only, ignores_teacher
 from recipe.optimal_sampling.verl.trainer import OptimalSamplingTrainer, forward_token_metrics
-from tests.verl.fixtures import compose_config, tiny_overrides
+from tests.verl.fixtures import compose_config, make_agent_loop, tiny_overrides
 
 KEY = "actor_rollout_ref.rollout.engine_kwargs.optimal_sampling"
 ON_POLICY = [
@@ -210,19 +207,6 @@ def test_dual_requests_count_both_models_forward_tokens(servers):
     assert out.extra_fields[FORWARD_TOKEN_KEYS["policy"]] == len(policy_ids) + n - 1
     assert out.extra_fields[FORWARD_TOKEN_KEYS["teacher"]] == len(teacher_ids) + n - 1
     assert not any(math.isnan(x) for x in out.extra_fields["dual_logp_teacher"])
-
-
-def make_agent_loop(rollout) -> DualAgentLoop:
-    config = rollout.config
-    return DualAgentLoop(
-        trainer_config=DictConfigWrap(config),
-        server_manager=rollout.client,
-        tokenizer=AutoTokenizer.from_pretrained(config.actor_rollout_ref.model.path),
-        processor=None,
-        dataset_cls=RLHFDataset,
-        data_config=DictConfigWrap(config.data),
-        hf_model_type="qwen3",
-    )
 
 
 def run_agent_loops(rollout, params, questions=QUESTIONS):
