@@ -48,8 +48,8 @@ STATS = (  # per-arm means over training steps and seeds: (column, metric)
     ("IS w ESS", "rollout_corr/rollout_is_eff_sample_size"),
     ("IS w > C frac", "rollout_corr/rollout_is_ratio_fraction_high"),
     ("train reward", "critic/score/mean"),
-    ("guided frac", "optimal_sampling/guided_frac"),  # logged since after the 2026-11-27 runs
-    ("zero-adv frac", "optimal_sampling/zero_advantage_frac"),  # logged since after the 2026-11-27 runs
+    ("guided frac", "optimal_sampling/guided_frac"),  # added after the 2026-11-27 runs
+    ("zero-adv frac", "optimal_sampling/zero_advantage_frac"),  # added after the 2026-11-27 runs
     ("policy tok/step", POLICY_TOKENS),
     ("teacher tok/step", TEACHER_TOKENS),
     ("s/step", STEP_SECONDS),
