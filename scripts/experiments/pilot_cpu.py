@@ -27,6 +27,7 @@ from recipe.optimal_sampling.tasks import (
     stop_token_ids,
     teacher_prompt,
 )
+from recipe.optimal_sampling.tasks.models import default_cache_dir, policy_config
 
 ARMS = {  # as scripts/experiments/run_arm.sh
     "on_policy": SamplerConfig(alpha_method="fixed", fixed_alpha=0.0),
@@ -96,9 +97,11 @@ def grpo_step(policy, optimizer, samplers, tok, problems, n: int, seed: int, thr
     return {"train_reward": float(r.mean()), "is_weight_mean": float(w.sum() / mask.sum())}
 
 
-def run(arm: str, lr: float, steps: int, seed: int, eval_every: int, n_test: int, batch=16, n=8) -> list[dict]:
-    """One arm from the cached task checkpoints: a GRPO step per step, greedy held-out accuracy every eval_every."""
-    task = load_task_models(progress=False)  # fresh copies: every run starts from the cached checkpoints
+def run(arm: str, lr: float, steps: int, seed: int, eval_every: int, n_test: int, batch=16, n=8, policy_target=None):
+    """One arm from the cached task checkpoints: a GRPO step per step, greedy held-out accuracy every eval_every.
+    policy_target: a policy stopped at this validation accuracy (its own cache next to the default one)."""
+    cache = None if policy_target is None else default_cache_dir().with_name(f"task_models_policy_{policy_target:g}")
+    task = load_task_models(cache, policy_cfg=policy_config(policy_target), progress=False)  # fresh copies
     policy, teacher, tok = task.policy.float(), task.teacher.float(), task.tokenizer
     stops = tuple(stop_token_ids(tok))
     samplers = tuple(
@@ -112,6 +115,8 @@ def run(arm: str, lr: float, steps: int, seed: int, eval_every: int, n_test: int
     log, start = [], time.perf_counter()
     for step in range(steps + 1):
         row = {"arm": arm, "lr": lr, "seed": seed, "step": step, "batch": batch, "n": n}
+        if policy_target is not None:
+            row["policy_target"] = policy_target
         if step:
             problems = train[batch * (step - 1) : batch * step]
             row |= grpo_step(policy, optimizer, samplers, tok, problems, n, seed * 10_000 + step, 2.0, MIXED.get(arm))
@@ -133,12 +138,18 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="prompts per step")
     parser.add_argument("--n", type=int, default=8, help="responses per prompt")
     parser.add_argument("--out", default="pilot_cpu.jsonl")
+    parser.add_argument(
+        "--policy-target-accuracy", type=float, default=None, help="a weaker start: the policy stopped at this accuracy"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with open(args.out, "a") as f:
         for lr in (float(x) for x in args.lrs.split(",")):
             for arm in args.arms.split(","):
-                log = run(arm, lr, args.steps, args.seed, args.eval_every, args.n_test, args.batch, args.n)
+                log = run(
+                    arm, lr, args.steps, args.seed, args.eval_every, args.n_test, args.batch, args.n,
+                    args.policy_target_accuracy,
+                )  # fmt: skip
                 f.writelines(json.dumps(row) + "\n" for row in log)
                 f.flush()
                 curve = " ".join(f"{r['step']}:{r['val_acc']:.3f}" for r in log if "val_acc" in r)
