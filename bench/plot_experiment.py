@@ -23,11 +23,15 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-ACC = "optimal_sampling/val_policy_only_accuracy"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "experiments"))
+from run_status import VAL_KEY as ACC  # noqa: E402  (verl's file logger: one reader for the launcher and the plots)
+from run_status import read_rows  # noqa: E402
+
 POLICY_TOKENS = "optimal_sampling/policy_forward_tokens"
 TEACHER_TOKENS = "optimal_sampling/teacher_forward_tokens"
 STEP_SECONDS = "timing_s/step"
@@ -69,18 +73,6 @@ class Run:
     train_rows: list[dict]  # the metrics of each training step (step >= 1)
 
 
-def read_rows(path: str) -> list[dict]:
-    """{"step": int, "data": dict} per line; a truncated last line (a killed run) ends the file."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
-
-
 def build_run(rows: list[dict], teacher_cost: float = 1.0) -> Run:
     """Validation points of one run with cumulative compute. A training step without the token or timing metrics
     is an error: the x-axes would silently be wrong."""
@@ -114,6 +106,11 @@ def load_runs(exp_dir: str, teacher_cost: float = 1.0) -> dict[str, dict[int, Ru
             runs.setdefault(arm, {})[int(match.group(1))] = build_run(rows, teacher_cost)
     if not runs:
         raise ValueError(f"no runs under {exp_dir!r} (expected <arm>/seed<k>/metrics.jsonl): run run_all.sh first")
+    return in_arm_order(runs)
+
+
+def in_arm_order(runs: dict) -> dict:
+    """The arms in the issue's order (ARM_ORDER), then any others by name."""
     order = {arm: i for i, arm in enumerate(ARM_ORDER)}
     return dict(sorted(runs.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
@@ -196,8 +193,7 @@ def pooled(runs: dict[str, dict[int, Run]], other: dict[str, dict[int, Run]]) ->
     for arm in runs.keys() | other.keys():
         out[arm] = {f"seed{k}": r for k, r in runs.get(arm, {}).items()}
         out[arm].update({f"seed{k}'": r for k, r in other.get(arm, {}).items()})
-    order = {arm: i for i, arm in enumerate(ARM_ORDER)}
-    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    return in_arm_order(out)
 
 
 def target_table(runs: dict[str, dict[int, Run]], target: float) -> str:
