@@ -23,16 +23,23 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-ACC = "optimal_sampling/val_policy_only_accuracy"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "experiments"))
+from run_status import VAL_KEY as ACC  # noqa: E402  (verl's file logger: one reader for the launcher and the plots)
+from run_status import read_rows  # noqa: E402
+
 POLICY_TOKENS = "optimal_sampling/policy_forward_tokens"
 TEACHER_TOKENS = "optimal_sampling/teacher_forward_tokens"
 STEP_SECONDS = "timing_s/step"
 REACH = ("step", "tokens", "seconds")  # what first_reach returns
-ARM_ORDER = ("on_policy", "balanced", "conservative", "exploratory", "fixed_alpha_0.5", "fixed_alpha_1", "ess_balance")
+ARM_ORDER = (
+    *("on_policy", "balanced", "conservative", "exploratory", "fixed_alpha_0.5", "fixed_alpha_1", "ess_balance"),
+    *("mixed_1of8", "mixed_4of8"),
+)
 STATS = (  # per-arm means over training steps and seeds: (column, metric)
     ("alpha mean", "optimal_sampling/alpha_mean"),
     ("alpha p10", "optimal_sampling/alpha_p10"),
@@ -45,7 +52,8 @@ STATS = (  # per-arm means over training steps and seeds: (column, metric)
     ("IS w ESS", "rollout_corr/rollout_is_eff_sample_size"),
     ("IS w > C frac", "rollout_corr/rollout_is_ratio_fraction_high"),
     ("train reward", "critic/score/mean"),
-    ("zero-adv frac", "optimal_sampling/zero_advantage_frac"),  # logged since after the 2026-11-27 runs
+    ("guided frac", "optimal_sampling/guided_frac"),  # added after the 2026-11-27 runs
+    ("zero-adv frac", "optimal_sampling/zero_advantage_frac"),  # added after the 2026-11-27 runs
     ("policy tok/step", POLICY_TOKENS),
     ("teacher tok/step", TEACHER_TOKENS),
     ("s/step", STEP_SECONDS),
@@ -63,18 +71,6 @@ class Run:
     tokens: np.ndarray  # (K,) cumulative rollout forward tokens (policy + teacher_cost x teacher)
     seconds: np.ndarray  # (K,) cumulative wall-clock of the steps
     train_rows: list[dict]  # the metrics of each training step (step >= 1)
-
-
-def read_rows(path: str) -> list[dict]:
-    """{"step": int, "data": dict} per line; a truncated last line (a killed run) ends the file."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
 
 
 def build_run(rows: list[dict], teacher_cost: float = 1.0) -> Run:
@@ -110,6 +106,11 @@ def load_runs(exp_dir: str, teacher_cost: float = 1.0) -> dict[str, dict[int, Ru
             runs.setdefault(arm, {})[int(match.group(1))] = build_run(rows, teacher_cost)
     if not runs:
         raise ValueError(f"no runs under {exp_dir!r} (expected <arm>/seed<k>/metrics.jsonl): run run_all.sh first")
+    return in_arm_order(runs)
+
+
+def in_arm_order(runs: dict) -> dict:
+    """The arms in the issue's order (ARM_ORDER), then any others by name."""
     order = {arm: i for i, arm in enumerate(ARM_ORDER)}
     return dict(sorted(runs.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
@@ -192,8 +193,7 @@ def pooled(runs: dict[str, dict[int, Run]], other: dict[str, dict[int, Run]]) ->
     for arm in runs.keys() | other.keys():
         out[arm] = {f"seed{k}": r for k, r in runs.get(arm, {}).items()}
         out[arm].update({f"seed{k}'": r for k, r in other.get(arm, {}).items()})
-    order = {arm: i for i, arm in enumerate(ARM_ORDER)}
-    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    return in_arm_order(out)
 
 
 def target_table(runs: dict[str, dict[int, Run]], target: float) -> str:

@@ -29,6 +29,7 @@ PER_GPU=${PER_GPU:-7}                                         # runs at once on 
 STAGGER_S=${STAGGER_S:-5}                                     # seconds between run starts (start-up contention)
 N_TRAIN=${N_TRAIN:-4096}                                      # train problems (more than steps x batch: no epoch)
 N_TEST=${N_TEST:-512}                                         # held-out problems (policy-only greedy accuracy)
+POLICY_TARGET=${POLICY_TARGET:-}                              # e.g. 0.03: a weaker starting policy (own EXP_DIR!)
 JOBS=${JOBS:-}                                                 # "arm:seed ..." to run just these (else ARMS x SEEDS)
 DRY_RUN=${DRY_RUN:-0}                                         # 1: print the commands, run nothing
 export DRY_RUN
@@ -43,11 +44,17 @@ read -r -a jobs <<< "${JOBS}"
     done
 done
 slots=$((${#gpus[@]} * PER_GPU))
+cores=$(nproc)
+if [ "${slots}" -gt $((cores / 4)) ] && [ "${#jobs[@]}" -gt $((cores / 4)) ]; then  # measured: docs/experiments.md
+    echo "warning: up to ${slots} runs at once on ${cores} cores; 21 runs on 64 cores lost 5 at start-up (threads" \
+        "exhausted), 15 on 64 ran clean: keep about 4 cores per run (fewer PER_GPU, or JOBS in two commands)" >&2
+fi
 
 # 1) the task (datasets + the tiny teacher/policy), once: parallel runs must not each train the models
 cd "${REPO}"
 if [ ! -e "${TASK_DIR}/models/meta.json" ] || [ ! -e "${TASK_DIR}/test.parquet" ]; then
     prepare=(python3 -m recipe.optimal_sampling.verl.data --out "${TASK_DIR}" --n-train "${N_TRAIN}" --n-test "${N_TEST}")
+    [ -n "${POLICY_TARGET}" ] && prepare+=(--policy-target-accuracy "${POLICY_TARGET}")
     if [ "${DRY_RUN}" = 1 ]; then echo "${prepare[*]}"; else "${prepare[@]}"; fi
 fi
 

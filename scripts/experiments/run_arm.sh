@@ -9,7 +9,7 @@ set -xeuo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "${HERE}/../.." && pwd)
-ARM=${ARM:?set ARM to one of: on_policy balanced conservative exploratory fixed_alpha_0.5 fixed_alpha_1 ess_balance}
+ARM=${ARM:?set ARM to one of: on_policy balanced conservative exploratory fixed_alpha_0.5 fixed_alpha_1 ess_balance mixed_1of8 mixed_4of8}
 SEED=${SEED:?set SEED (an int): data order and the servers sampling seed}
 EXP_DIR=${EXP_DIR:-${REPO}/outputs/experiments}               # one folder per arm and seed
 TASK_DIR=${TASK_DIR:-${EXP_DIR}/task}                         # parquet files + models/ (run_all.sh makes it)
@@ -56,6 +56,10 @@ case "${ARM}" in
     ess_balance) ARM_OVERRIDES=(                              # exact ESS balance, balanced preset's forcing + support
         sampler=balanced
         "${KEY}.alpha_method=ess_balance"
+    ) ;;
+    mixed_1of8 | mixed_4of8) ARM_OVERRIDES=(                 # beyond issue 5: mixed groups, balanced preset, k of
+        sampler=balanced                                      # the 8 responses from q*, the rest from pi_theta
+        "${KEY}.guided_per_prompt=${ARM:6:1}"
     ) ;;
     *) echo "unknown ARM=${ARM}" >&2; exit 2 ;;
 esac

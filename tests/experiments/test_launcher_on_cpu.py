@@ -211,3 +211,21 @@ def test_gpu_host_packs_the_runs_into_out_and_passes_a_deadline(tmp_path, task_d
     )
     assert result.returncode == 1 and "not started exploratory/seed0" in (out / "run_all.log").read_text()
     assert not (tmp_path / "records" / "exp_exploratory_seed0.args").exists()
+
+
+def test_jobs_runs_just_the_listed_runs_and_the_mixed_arms_compose(tmp_path, task_dir):
+    """JOBS=arm:seed replaces the ARMS x SEEDS product; the mixed-group arms (beyond issue 5) are the balanced preset
+    with guided_per_prompt and otherwise the same command as `balanced`."""
+    jobs = "balanced:1 mixed_1of8:1 mixed_4of8:2"
+    result = launch(tmp_path, task_dir, JOBS=jobs, SEEDS="0", ARMS="on_policy", GPUS="0", PER_GPU="3")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    names = {p.name.removesuffix(".args") for p in (tmp_path / "records").glob("*.args")}
+    assert names == {"exp_balanced_seed1", "exp_mixed_1of8_seed1", "exp_mixed_4of8_seed2"}
+    balanced = recorded(tmp_path, "exp_balanced_seed1")
+    for arm, seed, k in (("mixed_1of8", 1, 1), ("mixed_4of8", 2, 4)):
+        overrides = recorded(tmp_path, f"exp_{arm}_seed{seed}")
+        os_config, _ = sampler_of(overrides)
+        assert os_config.guided_per_prompt == k
+        assert os_config.sampler_config() == sampler_of(balanced)[0].sampler_config()
+        differ = {o for o in set(overrides) ^ set(balanced) if "seed" not in o and "exp_" not in o}
+        assert differ == {f"actor_rollout_ref.rollout.engine_kwargs.optimal_sampling.guided_per_prompt={k}"}, differ

@@ -4,6 +4,7 @@ the policy alone through the trainer's validation hooks, per-response forward-to
 per-step reduction of them read back from TransferQueue."""
 
 import asyncio
+import copy
 import math
 from types import SimpleNamespace
 
@@ -13,19 +14,16 @@ import ray
 import torch
 from omegaconf import open_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from verl.experimental.agent_loop.agent_loop import DictConfigWrap
-from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 from verl.workers.rollout.llm_server import LLMServerClient
 from verl.workers.rollout.router import get_router_handle
 
 from recipe.optimal_sampling.engine import DualSampler, stop_ids_for
 from recipe.optimal_sampling.main import CONFIG_DIR
-from recipe.optimal_sampling.verl.agent_loop import DualAgentLoop
 from recipe.optimal_sampling.verl.config import OptimalSamplingConfig, check_trainer_config
 from recipe.optimal_sampling.verl.server import FORWARD_TOKEN_KEYS, POLICY_ONLY, generate_policy_only, ignores_teacher
 from recipe.optimal_sampling.verl.trainer import OptimalSamplingTrainer, forward_token_metrics
-from tests.verl.fixtures import compose_config, tiny_overrides
+from tests.verl.fixtures import compose_config, make_agent_loop, tiny_overrides
 
 KEY = "actor_rollout_ref.rollout.engine_kwargs.optimal_sampling"
 ON_POLICY = [
@@ -211,19 +209,6 @@ def test_dual_requests_count_both_models_forward_tokens(servers):
     assert not any(math.isnan(x) for x in out.extra_fields["dual_logp_teacher"])
 
 
-def make_agent_loop(rollout) -> DualAgentLoop:
-    config = rollout.config
-    return DualAgentLoop(
-        trainer_config=DictConfigWrap(config),
-        server_manager=rollout.client,
-        tokenizer=AutoTokenizer.from_pretrained(config.actor_rollout_ref.model.path),
-        processor=None,
-        dataset_cls=RLHFDataset,
-        data_config=DictConfigWrap(config.data),
-        hf_model_type="qwen3",
-    )
-
-
 def run_agent_loops(rollout, params, questions=QUESTIONS):
     loop = make_agent_loop(rollout)
 
@@ -337,6 +322,81 @@ def test_trainer_step_metrics_read_forward_tokens_from_transfer_queue(servers, t
         assert "optimal_sampling/kl_q_teacher" not in metrics and "optimal_sampling/ess_ratio" not in metrics
         assert metrics["optimal_sampling/alpha_mean"] == 0.0
         assert metrics["optimal_sampling/is_weight_mean"] == pytest.approx(1.0)
+        assert metrics["optimal_sampling/guided_frac"] == 0.0
     else:
         assert metrics["optimal_sampling/teacher_forward_tokens"] > 0
         assert "optimal_sampling/kl_q_teacher" in metrics
+        assert metrics["optimal_sampling/guided_frac"] == 1.0
+
+
+# ---- mixed groups (guided_per_prompt) ---------------------------------------------------------------------------
+
+
+def with_guided_per_prompt(rollout, k):
+    """The same servers, with an agent-loop config whose guided_per_prompt is k (the servers need not know k)."""
+    config = copy.deepcopy(rollout.config)
+    with open_dict(config):
+        config.actor_rollout_ref.rollout.engine_kwargs.optimal_sampling.guided_per_prompt = k
+    return SimpleNamespace(server=rollout.server, client=rollout.client, config=config)
+
+
+def run_group(rollout, question: str, n: int, with_session_ids: bool = True):
+    """One prompt's n responses, numbered as verl's TransferQueue agent-loop worker numbers them (session_id)."""
+    loop = make_agent_loop(rollout)
+    session = (lambda i: {"session_id": i}) if with_session_ids else (lambda i: {})  # noqa: E731
+
+    async def run():
+        prompt = [{"role": "user", "content": question}]
+        return await asyncio.gather(*[loop.run(dict(TRAIN), raw_prompt=prompt, **session(i)) for i in range(n)])
+
+    return asyncio.run(run())
+
+
+def test_guided_per_prompt_is_checked():
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="guided_per_prompt must be null"):
+            OptimalSamplingConfig(guided_per_prompt=bad)
+    n = int(compose_config([]).actor_rollout_ref.rollout.n)
+    assert check_trainer_config(compose_config([f"{KEY}.guided_per_prompt={n}"])).guided_per_prompt == n
+    assert check_trainer_config(compose_config([])).guided_per_prompt is None  # default: every response from q*
+    with pytest.raises(ValueError, match=f"guided_per_prompt={n + 1} is more than actor_rollout_ref.rollout.n={n}"):
+        check_trainer_config(compose_config([f"{KEY}.guided_per_prompt={n + 1}"]))
+
+
+@pytest.mark.parametrize("k", [0, 2, 4])
+def test_a_mixed_group_samples_its_first_k_responses_from_q_star_and_the_rest_from_the_policy(servers, k):
+    """Balanced preset: a response from q* runs the teacher and starts with a forced teacher token; one from the policy
+    runs no teacher, has alpha 0 everywhere and log q* = log pi_theta (its importance weight is 1)."""
+    outputs = run_group(with_guided_per_prompt(servers.balanced, k), "347+285", 4)
+    for i, out in enumerate(outputs):
+        teacher_tokens = out.extra_fields[FORWARD_TOKEN_KEYS["teacher"]]
+        if i < k:
+            assert teacher_tokens > 0 and out.traces["dual_forced"][0] == 1.0, i
+            assert not any(math.isnan(x) for x in out.traces["dual_logp_teacher"])
+        else:
+            assert teacher_tokens == 0, i
+            assert out.response_logprobs == pytest.approx(out.traces["dual_logp_policy"], abs=1e-5)  # q* = pi_theta
+            assert set(out.traces["dual_alpha"]) == {0.0} and set(out.traces["dual_forced"]) == {0.0}
+            assert all(math.isnan(x) for x in out.traces["dual_logp_teacher"])
+
+
+def test_a_mixed_group_without_session_ids_is_an_error(servers):
+    with pytest.raises(ValueError, match="guided_per_prompt=2 needs the response's index"):
+        run_group(with_guided_per_prompt(servers.balanced, 2), "12+908", 2, with_session_ids=False)
+
+
+def test_trainer_metrics_of_a_mixed_group_describe_the_guided_responses(servers, transfer_queue):
+    rollout = with_guided_per_prompt(servers.balanced, 2)
+    outputs = [out for q in QUESTIONS[:2] for out in run_group(rollout, q, 4)]  # 2 prompts x (2 guided + 2 not)
+    batch = put_step(transfer_queue, outputs, "mixed")
+    metrics = trainer_for(rollout)._optimal_sampling_metrics(batch, global_steps=1)
+    transfer_queue.kv_clear(keys=batch.keys, partition_id="train")
+    guided = [out for out in outputs if out.extra_fields[FORWARD_TOKEN_KEYS["teacher"]] > 0]
+    assert len(guided) == 4 and metrics["optimal_sampling/guided_frac"] == 0.5
+    assert metrics["optimal_sampling/num_tokens"] == sum(len(o.response_ids) for o in guided)  # traces: guided only
+    forced = sum(sum(o.traces["dual_forced"]) for o in guided)
+    assert metrics["optimal_sampling/forced_frac"] == pytest.approx(forced / metrics["optimal_sampling/num_tokens"])
+    assert metrics["optimal_sampling/policy_forward_tokens"] == sum(
+        len(o.prompt_ids) + len(o.response_ids) - 1 for o in outputs
+    )  # forward tokens: every response
+    assert all(np.isfinite(v) for v in metrics.values())

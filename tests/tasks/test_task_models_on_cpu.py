@@ -4,6 +4,7 @@ Training here is a few dozen steps on tiny batches (seconds). The full-size targ
 policy in [5%, 30%]) are checked by the last test, which only runs with OPTIMAL_SAMPLING_SLOW_TESTS=1.
 """
 
+import dataclasses
 import os
 import re
 from types import SimpleNamespace
@@ -31,7 +32,7 @@ from recipe.optimal_sampling.tasks import (
     train_model,
 )
 from recipe.optimal_sampling.tasks import models as task_models
-from recipe.optimal_sampling.tasks.models import encode_examples, new_model
+from recipe.optimal_sampling.tasks.models import DEFAULT_TRAIN_CONFIGS, encode_examples, new_model, policy_config
 
 TINY = TrainConfig(steps=30, batch_size=16, lr=5e-3, warmup_steps=5, eval_every=10, n_eval=8)
 
@@ -253,3 +254,15 @@ def test_default_pair_meets_the_accuracy_targets():
     policy = greedy_accuracy(task.policy, task.tokenizer, [policy_prompt(p.question) for p in test], test)
     assert teacher >= 0.9
     assert 0.05 <= policy <= 0.3
+
+
+def test_policy_config_changes_only_the_early_stopping_accuracy():
+    assert policy_config(None) is None  # load_task_models' default
+    weak = policy_config(0.03)
+    assert weak.target_accuracy == 0.03
+    assert (
+        dataclasses.replace(weak, target_accuracy=DEFAULT_TRAIN_CONFIGS["policy"].target_accuracy)
+        == (DEFAULT_TRAIN_CONFIGS["policy"])
+    )
+    with pytest.raises(ValueError, match="target_accuracy"):
+        policy_config(1.5)

@@ -94,3 +94,23 @@ def ray_local():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+def make_agent_loop(rollout):
+    """A `DualAgentLoop` as verl's agent-loop worker builds one, talking to `rollout.client` (an LLMServerClient)."""
+    from transformers import AutoTokenizer
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from recipe.optimal_sampling.verl.agent_loop import DualAgentLoop
+
+    config = rollout.config
+    return DualAgentLoop(
+        trainer_config=DictConfigWrap(config),
+        server_manager=rollout.client,
+        tokenizer=AutoTokenizer.from_pretrained(config.actor_rollout_ref.model.path),
+        processor=None,
+        dataset_cls=RLHFDataset,
+        data_config=DictConfigWrap(config.data),
+        hf_model_type="qwen3",
+    )

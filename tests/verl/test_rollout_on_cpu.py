@@ -12,17 +12,16 @@ from omegaconf import OmegaConf
 from tensordict import TensorDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from verl import DataProto
-from verl.experimental.agent_loop.agent_loop import DictConfigWrap
 from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
-from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 from verl.workers.rollout.llm_server import LLMServerClient
 from verl.workers.rollout.router import get_router_handle
 
 from recipe.optimal_sampling.core import mix_logprobs, teacher_top_p_support
 from recipe.optimal_sampling.engine import DualSampler, SamplerConfig, stop_ids_for
-from recipe.optimal_sampling.verl.agent_loop import TRACE_FIELDS, DualAgentLoop
+from recipe.optimal_sampling.verl.agent_loop import TRACE_FIELDS
 from recipe.optimal_sampling.verl.config import OptimalSamplingConfig
+from tests.verl.fixtures import make_agent_loop
 
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
 QUESTIONS = ["347+285", "12+908", "5+5", "640+77"]
@@ -69,19 +68,6 @@ def reference_sampler(checkpoints, config, policy_key="policy") -> DualSampler:
 
 def server_seed(config, batch_index: int) -> int:
     return int(config.actor_rollout_ref.rollout.seed) * 1_000_003 + batch_index  # DualSamplerServer._run_batch
-
-
-def make_agent_loop(rollout) -> DualAgentLoop:
-    config = rollout.config
-    return DualAgentLoop(
-        trainer_config=DictConfigWrap(config),
-        server_manager=rollout.client,
-        tokenizer=AutoTokenizer.from_pretrained(config.actor_rollout_ref.model.path),
-        processor=None,
-        dataset_cls=RLHFDataset,
-        data_config=DictConfigWrap(config.data),
-        hf_model_type="qwen3",
-    )
 
 
 async def run_agent_loops(rollout, questions):

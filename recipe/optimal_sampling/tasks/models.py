@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -117,6 +117,14 @@ DEFAULT_TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "teacher": TrainConfig(steps=2000, seed=0, lr=5e-3, target_accuracy=0.98, eval_every=100),
     "policy": TrainConfig(steps=3000, seed=1, lr=3e-3, target_accuracy=0.15, eval_every=25, n_eval=400),
 }
+
+
+def policy_config(target_accuracy: float | None = None) -> TrainConfig | None:
+    """The policy's training settings with another early-stopping accuracy (None: the defaults, as `None` means to
+    `load_task_models`). A weaker policy makes a harder RL start: e.g. 0.03."""
+    if target_accuracy is None:
+        return None
+    return replace(DEFAULT_TRAIN_CONFIGS["policy"], target_accuracy=target_accuracy)
 
 
 @dataclass

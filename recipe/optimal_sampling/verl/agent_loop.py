@@ -3,8 +3,9 @@ policy's prompt and the teacher's chat prompt), sends both to the server, and re
 `response_logprobs` are log q* and whose per-token traces become tensor fields (`dual_alpha`, ...) in verl's batch.
 
 Differs from verl's `SingleTurnAgentLoop` in: the teacher prompt (built from the teacher's chat template), the
-optional plain policy template, no Continuous Token merge of the response (the sampled ids are kept as they are, so
-every trace stays aligned with its token), and the trace fields. Knows nothing about models or sampling maths.
+optional plain policy template, mixed groups (`guided_per_prompt`: only a prompt's first k responses from q*), no
+Continuous Token merge of the response (the sampled ids are kept as they are, so every trace stays aligned with its
+token), and the trace fields. Knows nothing about models or sampling maths.
 """
 
 from typing import Any
@@ -53,7 +54,7 @@ class DualAgentLoop(AgentLoopBase):
         # 1) the two prompts
         prompt_ids = await self.policy_prompt_ids(messages)
         teacher_prompt_ids = self.teacher_prompt_ids(messages)
-        # 2) one response from q*
+        # 2) one response from q* (or, in a mixed group, from the policy alone)
         metrics = {}
         with simple_timer("generate_sequences", metrics):
             output = await self.server_manager.generate(
@@ -61,6 +62,7 @@ class DualAgentLoop(AgentLoopBase):
                 prompt_ids=prompt_ids,
                 sampling_params=sampling_params,
                 teacher_prompt_ids=teacher_prompt_ids,
+                policy_only=not self.guided(kwargs),
             )
         metrics["num_preempted"] = -1
         # 3) traces out of extra_fields (they would stay Python lists there) into tensor fields
@@ -78,6 +80,20 @@ class DualAgentLoop(AgentLoopBase):
             extra_fields=extra,
             traces=traces,
         )
+
+    def guided(self, kwargs: dict) -> bool:
+        """Whether this response comes from q*: always, unless `guided_per_prompt` = k, where only the prompt's first
+        k responses do (verl's TransferQueue worker numbers a prompt's n responses by `session_id`)."""
+        k = self.os_config.guided_per_prompt
+        if k is None:
+            return True
+        if "session_id" not in kwargs:
+            raise ValueError(
+                f"optimal_sampling.guided_per_prompt={k} needs the response's index within its group (`session_id`), "
+                "which verl's v1 trainer (trainer.use_v1=true, TransferQueue agent-loop workers) passes; this agent "
+                "loop was called without it"
+            )
+        return int(kwargs["session_id"]) < k
 
     async def policy_prompt_ids(self, messages: list[dict]) -> list[int]:
         """`policy_template` around the last user message (plain prompt), or verl's chat prompt when unset."""

@@ -47,6 +47,14 @@ class OptimalSamplingConfig:
             "optimal_sampling/val_policy_only_accuracy"
         },
     )
+    guided_per_prompt: int | None = field(
+        default=None,
+        metadata={
+            "help": "mixed groups: of each prompt's rollout.n responses, the first k are sampled from q* and the "
+            "other n - k from pi_theta alone (the teacher is not run for them), so that GRPO compares guided and "
+            "on-policy answers to the same prompt; None = all n from q*"
+        },
+    )
     skip_unused_teacher: bool = field(
         default=False,
         metadata={
@@ -65,6 +73,12 @@ class OptimalSamplingConfig:
             raise ValueError(f"optimal_sampling.batch_window_ms must be >= 0, got {self.batch_window_ms}")
         if self.plot_freq < 0:
             raise ValueError(f"optimal_sampling.plot_freq must be >= 0 (0 = off), got {self.plot_freq}")
+        k = self.guided_per_prompt
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(
+                f"optimal_sampling.guided_per_prompt must be null (every response from q*) or an int >= 0 (that many "
+                f"responses per prompt from q*, the rest from the policy), got {k!r}"
+            )
         for name in ("validate_policy_only", "skip_unused_teacher"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"optimal_sampling.{name} must be true or false, got {getattr(self, name)!r}")
@@ -130,6 +144,12 @@ def _check_sampling(rollout: Mapping, os_config: OptimalSamplingConfig) -> None:
             f"actor_rollout_ref.rollout.top_p={rollout.get('top_p')} / top_k={rollout.get('top_k')} are not used by "
             "the dual backend and would not be reflected in log q*; keep top_p=1.0, top_k=-1 and restrict sampling "
             f"with engine_kwargs.{ENGINE_KWARGS_KEY}.teacher_top_p."
+        )
+    k, n = os_config.guided_per_prompt, int(rollout.get("n", 1))
+    if k is not None and k > n:
+        raise ValueError(
+            f"engine_kwargs.{ENGINE_KWARGS_KEY}.guided_per_prompt={k} is more than actor_rollout_ref.rollout.n={n}: "
+            f"it counts the responses per prompt sampled from q*; use at most {n} (or null for all of them)"
         )
     if not rollout.get("calculate_log_probs", False):
         raise ValueError(

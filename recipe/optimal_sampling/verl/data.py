@@ -36,12 +36,14 @@ def write_datasets(out_dir: str, n_train: int = 512, n_test: int = 64, n_digits:
     return paths
 
 
-def write_checkpoints(out_dir: str) -> dict:
+def write_checkpoints(out_dir: str, policy_target_accuracy: float | None = None) -> dict:
     """The task's trained tiny teacher/policy pair as HF checkpoints (model + tokenizer), cached under
-    DIR/models by `tasks.models.load_task_models` (trained on the CPU when absent). Returns their paths."""
-    from recipe.optimal_sampling.tasks.models import load_task_models
+    DIR/models by `tasks.models.load_task_models` (trained on the CPU when absent). Returns their paths.
+    policy_target_accuracy: stop the policy's training at this validation accuracy instead of the task's default
+    (e.g. 0.03 for a policy that almost never answers right)."""
+    from recipe.optimal_sampling.tasks.models import load_task_models, policy_config
 
-    task = load_task_models(cache_dir=os.path.join(out_dir, "models"))
+    task = load_task_models(cache_dir=os.path.join(out_dir, "models"), policy_cfg=policy_config(policy_target_accuracy))
     return {"policy": str(task.policy_path), "teacher": str(task.teacher_path), "meta": task.meta.get("results")}
 
 
@@ -51,10 +53,16 @@ def main(argv=None) -> None:
     parser.add_argument("--n-train", type=int, default=512)
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--skip-models", action="store_true", help="write the datasets only")
+    parser.add_argument(
+        "--policy-target-accuracy",
+        type=float,
+        default=None,
+        help="train the policy only up to this validation accuracy (default: the task's, 0.15)",
+    )
     args = parser.parse_args(argv)
     print(write_datasets(args.out, args.n_train, args.n_test))
     if not args.skip_models:
-        print(write_checkpoints(args.out))
+        print(write_checkpoints(args.out, args.policy_target_accuracy))
 
 
 if __name__ == "__main__":

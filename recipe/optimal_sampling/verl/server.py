@@ -13,9 +13,10 @@ Pipeline of one request:
    on it.
 
 Policy-only requests (the teacher is not run): every request while the trainer holds the server in policy-only
-validation (`set_policy_only_validation`, with `optimal_sampling.validate_policy_only`), and every request when
+validation (`set_policy_only_validation`, with `optimal_sampling.validate_policy_only`), every request when
 `optimal_sampling.skip_unused_teacher` is on and the sampler config ignores the teacher (alpha fixed at 0, no
-forcing, no support constraint).
+forcing, no support constraint), and requests sent with `policy_only=True` (the on-policy members of a mixed group,
+`optimal_sampling.guided_per_prompt`).
 
 Owns the models' residency (teacher always resident; `sleep` frees cached KV memory only) and the weight-loading
 end of the sync. Knows nothing about trainers, datasets or prompts' text: prompts arrive as token ids.
@@ -110,9 +111,11 @@ class DualSamplerServer:
         image_data=None,
         video_data=None,
         teacher_prompt_ids: list[int] | None = None,
+        policy_only: bool = False,
         **_,
     ) -> TokenOutput:
-        """Sample one response from q*. `prompt_ids` is the policy prompt, `teacher_prompt_ids` the teacher's."""
+        """Sample one response from q*. `prompt_ids` is the policy prompt, `teacher_prompt_ids` the teacher's.
+        `policy_only=True` (on-policy members of a mixed group) samples from pi_theta without running the teacher."""
         if image_data or video_data:
             raise ValueError("the dual backend is text-only: image_data/video_data are not supported")
         if teacher_prompt_ids is None:
@@ -125,7 +128,7 @@ class DualSamplerServer:
         max_tokens = int(sampling_params.get("max_tokens") or self.config.response_length)
         future = asyncio.get_running_loop().create_future()
         temperature = float(sampling_params.get("temperature", self.config.temperature))
-        policy_only = validating or self.teacher_unused
+        policy_only = validating or self.teacher_unused or bool(policy_only)
         self._pending.append(
             _Request(list(prompt_ids), list(teacher_prompt_ids), max_tokens, future, policy_only, temperature)
         )

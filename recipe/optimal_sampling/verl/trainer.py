@@ -3,7 +3,8 @@ as `trainer.v1.trainer_mode=optimal_sampling_sync`.
 
 Differs from `PPOTrainerSync` in:
 - `_compute_metrics`: it also reads the per-token traces that `DualAgentLoop` wrote into TransferQueue (before verl
-  clears them), reduces them with `metrics.reduce_metrics`, adds the server-vs-trainer log-prob gap, the step's
+  clears them), reduces those of the responses sampled with the teacher with `metrics.reduce_metrics` (in a mixed
+  group the on-policy responses are counted only by `guided_frac`), adds the server-vs-trainer log-prob gap, the step's
   model forward tokens (`forward_token_metrics`) and the share of responses without a learning signal
   (`advantage_metrics`), and every `plot_freq` steps sends alpha plots to W&B;
 - with `optimal_sampling.validate_policy_only`: `on_validate_begin`/`on_validate_end` switch the dual servers to
@@ -111,8 +112,8 @@ class OptimalSamplingTrainer(PPOTrainerSync):
         metrics.update(self._optimal_sampling_metrics(batch, global_steps))
 
     def _optimal_sampling_metrics(self, batch, global_steps: int) -> dict[str, float]:
-        """optimal_sampling/* of one step: trace statistics, forward tokens, zero-advantage share; alpha plots to W&B
-        on plot steps."""
+        """optimal_sampling/* of one step: trace statistics (of the responses sampled with the teacher), the share of
+        those, forward tokens, zero-advantage share; alpha plots to W&B on plot steps."""
         # 1) the step's responses from TransferQueue, padding rows left out
         select = [*TRACE_FIELDS, "rollout_log_probs", "old_log_probs", "advantages", "response_mask"]
         data = tq.kv_batch_get(
@@ -121,12 +122,17 @@ class OptimalSamplingTrainer(PPOTrainerSync):
         keep = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])  # (B,)
         extra_fields = [e for e, k in zip(data.pop("extra_fields").tolist(), keep.tolist(), strict=True) if k]
         fields = {name: value[keep] for name, value in padded(data, select).items()}  # each (B', T)
-        # 2) reductions; a teacher that was not run (skip_unused_teacher) leaves NaN statistics, which are dropped
+        # 2) reductions. The trace statistics describe the responses sampled with the teacher; in a mixed group
+        # (guided_per_prompt) the on-policy ones are left out. When no response ran the teacher (skip_unused_teacher),
+        # they cover every response and the teacher's NaN statistics are dropped.
         forward = forward_token_metrics(extra_fields)
-        traces = step_metrics(fields, fields["response_mask"])
-        if forward[PREFIX + "teacher_forward_tokens"] == 0:
+        guided = torch.tensor([e[FORWARD_TOKEN_KEYS["teacher"]] > 0 for e in extra_fields], dtype=torch.bool)  # (B',)
+        traced = {name: value[guided] for name, value in fields.items()} if guided.any() else fields
+        traces = step_metrics(traced, traced["response_mask"])
+        if not guided.any():
             traces = {k: v for k, v in traces.items() if math.isfinite(v)}
-        self._log_alpha_plots(fields, global_steps)
+        traces[PREFIX + "guided_frac"] = float(guided.double().mean()) if guided.numel() else 0.0
+        self._log_alpha_plots(traced, global_steps)
         return {**traces, **forward, **advantage_metrics(fields["advantages"], fields["response_mask"])}
 
     def on_validate_begin(self):
