@@ -71,6 +71,7 @@ class Run:
     tokens: np.ndarray  # (K,) cumulative rollout forward tokens (policy + teacher_cost x teacher)
     seconds: np.ndarray  # (K,) cumulative wall-clock of the steps
     train_rows: list[dict]  # the metrics of each training step (step >= 1)
+    measured_on: str = ""  # the card and its load, from run.json beside the metrics ("" when unknown)
 
 
 def build_run(rows: list[dict], teacher_cost: float = 1.0) -> Run:
@@ -103,10 +104,24 @@ def load_runs(exp_dir: str, teacher_cost: float = 1.0) -> dict[str, dict[int, Ru
         match = re.fullmatch(r"seed(\d+)", seed_dir)
         rows = read_rows(path)
         if match and rows:
-            runs.setdefault(arm, {})[int(match.group(1))] = build_run(rows, teacher_cost)
+            run = build_run(rows, teacher_cost)
+            run.measured_on = measured_on(os.path.join(os.path.dirname(path), "run.json"))
+            runs.setdefault(arm, {})[int(match.group(1))] = run
     if not runs:
         raise ValueError(f"no runs under {exp_dir!r} (expected <arm>/seed<k>/metrics.jsonl): run run_all.sh first")
     return in_arm_order(runs)
+
+
+def measured_on(run_json: str) -> str:
+    """ "NVIDIA H200, 3 runs/GPU" from run_arm.sh's run.json ("" without one, or without its device field): seconds
+    compare only between runs on one kind of card under one load."""
+    if not os.path.exists(run_json):
+        return ""
+    with open(run_json) as f:
+        info = json.load(f)
+    if not info.get("device"):
+        return ""
+    return f"{info['device']}, {info.get('runs_per_gpu', '?')} runs/GPU"
 
 
 def in_arm_order(runs: dict) -> dict:
@@ -198,12 +213,13 @@ def pooled(runs: dict[str, dict[int, Run]], other: dict[str, dict[int, Run]]) ->
 
 def target_table(runs: dict[str, dict[int, Run]], target: float) -> str:
     lines = [
-        f"| arm | seeds reaching {target:g} | steps | forward tokens | seconds |",
-        "|---|---|---|---|---|",
+        f"| arm | seeds reaching {target:g} | steps | forward tokens | seconds | seconds measured on |",
+        "|---|---|---|---|---|---|",
     ]
     for arm, seeds in runs.items():
         hits = [h for r in seeds.values() if (h := first_reach(r, target)) is not None]
         cols = [fmt([h[i] for h in hits], len(seeds), d, "not reached") for i, d in ((0, 1), (1, 0), (2, 1))]
+        cols.append("; ".join(sorted({r.measured_on for r in seeds.values()} - {""})) or "?")
         lines.append(f"| {arm} | {len(hits)}/{len(seeds)} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
@@ -245,10 +261,15 @@ def plot_curves(runs: dict[str, dict[int, Run]], path: str, target: float | None
         ("wall-clock of the steps (s)", lambda r: r.seconds),
     )
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
+    places = {r.measured_on for seeds in runs.values() for r in seeds.values()}
     for arm, seeds in runs.items():
+        # several cards or loads: the legend names each arm's, as the wall-clock axis is only comparable within one
+        label = f"{arm} (n={len(seeds)}" + (
+            f"; {' / '.join(sorted({r.measured_on for r in seeds.values()}))})" if len(places) > 1 else ")"
+        )
         for ax, (_, x_of) in zip(axes, axes_spec, strict=True):
             x, mean, std, _ = curve_band(seeds, x_of)
-            (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{arm} (n={len(seeds)})")
+            (line,) = ax.plot(x, mean, marker="o", ms=3, label=label)
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     for ax, (label, _) in zip(axes, axes_spec, strict=True):
         ax.set(xlabel=label)

@@ -64,7 +64,7 @@ run_slot() {
     for ((j = slot; j < ${#jobs[@]}; j += slots)); do
         arm=${jobs[j]%%:*}
         seed=${jobs[j]##*:}
-        if ! CUDA_VISIBLE_DEVICES=${gpu} ARM=${arm} SEED=${seed} bash "${HERE}/run_arm.sh"; then
+        if ! CUDA_VISIBLE_DEVICES=${gpu} RUNS_PER_GPU=${PER_GPU} ARM=${arm} SEED=${seed} bash "${HERE}/run_arm.sh"; then
             echo "${arm}/seed${seed}" >> "${EXP_DIR}/failed.txt"
         fi
     done

@@ -25,6 +25,7 @@ AGENT_WORKERS=${AGENT_WORKERS:-2}                             # verl agent-loop 
 RAY_OBJECT_STORE_BYTES=${RAY_OBJECT_STORE_BYTES:-2000000000}  # per run: several Ray clusters share the host
 DEADLINE_EPOCH=${DEADLINE_EPOCH:-0}                           # Unix time at which the run is stopped; 0 = never
 MIN_RUN_S=${MIN_RUN_S:-300}                                   # do not start a run with less time than this left
+RUNS_PER_GPU=${RUNS_PER_GPU:-1}                               # runs sharing the GPU (run_all.sh: PER_GPU), for run.json
 DRY_RUN=${DRY_RUN:-0}                                         # 1: print the training command, run nothing
 # Many runs on one host exhaust threads: with 21 runs at once on 64 cores, 5 runs died at start-up ("Resource
 # temporarily unavailable", a Rust thread pool that could not start); the relaunches with this cap had none.
@@ -142,7 +143,9 @@ wait "${pid}" || rc=$?
 end=$(date +%s)
 complete=false
 python3 "${HERE}/run_status.py" complete "${METRICS}" --total-steps "${TOTAL_STEPS}" && complete=true
-printf '{"arm": "%s", "seed": %s, "exit_code": %s, "complete": %s, "seconds": %s, "start": %s, "cuda_visible_devices": "%s", "lr": "%s", "total_steps": %s}\n' \
+# the card's name and how many runs shared it: seconds compare only on one kind of card under one load
+device=$(nvidia-smi --query-gpu=name --format=csv,noheader -i "${CUDA_VISIBLE_DEVICES:-0}" 2>/dev/null | head -1) || device=none
+printf '{"arm": "%s", "seed": %s, "exit_code": %s, "complete": %s, "seconds": %s, "start": %s, "cuda_visible_devices": "%s", "lr": "%s", "total_steps": %s, "device": "%s", "runs_per_gpu": %s}\n' \
     "${ARM}" "${SEED}" "${rc}" "${complete}" "$((end - start))" "${start}" "${CUDA_VISIBLE_DEVICES:-}" "${LR}" "${TOTAL_STEPS}" \
-    > "${RUN_DIR}/run.json"
+    "${device:-none}" "${RUNS_PER_GPU}" > "${RUN_DIR}/run.json"
 [ "${complete}" = true ]

@@ -161,6 +161,7 @@ def test_runs_spread_over_gpus_and_failures_are_reported(tmp_path, task_dir):
     assert (task_dir.parent / "failed.txt").read_text().split() == ["on_policy/seed1"]
     run = json.loads((task_dir.parent / "on_policy" / "seed1" / "run.json").read_text())
     assert (run["exit_code"], run["complete"]) == (1, False)
+    assert (run["device"], run["runs_per_gpu"]) == ("none", 1)  # no GPU here; PER_GPU=1
     # re-running resumes: only the failed run is launched again
     for p in (tmp_path / "records").iterdir():
         p.unlink()

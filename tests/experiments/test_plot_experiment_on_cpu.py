@@ -105,11 +105,12 @@ def test_steps_and_compute_to_target_with_missing_targets(exp_dir):
         row = table_row(table, arm)
         assert row[1] == f"{len(hits)}/{len(seeds)}"
         if not hits:
-            assert row[2:] == ["not reached"] * 3
+            assert row[2:5] == ["not reached"] * 3
             continue
         suffix = "" if len(hits) == len(seeds) else f" ({len(hits)}/{len(seeds)} seeds)"
         expected = [cell([h[0] for h in hits], 1), cell([h[1] for h in hits], 0), cell([h[2] for h in hits], 1)]
-        assert row[2:] == [e + suffix for e in expected], arm
+        assert row[2:5] == [e + suffix for e in expected], arm
+        assert row[5] == "?"  # no run.json: the card is unknown
     assert table_row(table, "on_policy")[1] == "2/3"  # seed 1 never reaches 0.3
     assert table_row(table, "fixed_alpha_1")[2] == "not reached"
 
@@ -181,3 +182,17 @@ def test_replicates_give_run_to_run_differences_and_pooled_accuracy(exp_dir, tmp
     assert table_row(pooled, "on_policy")[1:] == ["4", cell([a[1] for a in on_policy]), cell([a[2] for a in on_policy])]
     balanced_4 = [acc[2] for acc in ACCURACY["balanced"].values()]  # the second launch never got to step 4
     assert table_row(pooled, "balanced")[3] == cell(balanced_4) + " (3/4 seeds)"
+
+
+def test_target_table_names_the_card_and_load_of_each_arm(exp_dir):
+    """run.json (run_arm.sh) names the card and PER_GPU: seconds only compare on one card under one load, so the
+    table lists every distinct one per arm; a run.json from before these fields counts as unknown."""
+    info = {"arm": "balanced", "seed": 0, "seconds": 300}
+    for seed, device, per_gpu in ((0, "NVIDIA H200", 3), (1, "NVIDIA H100 80GB HBM3", 4), (2, "NVIDIA H200", 3)):
+        (exp_dir / "balanced" / f"seed{seed}" / "run.json").write_text(
+            json.dumps(info | {"device": device, "runs_per_gpu": per_gpu})
+        )
+    (exp_dir / "on_policy" / "seed0" / "run.json").write_text(json.dumps(info))  # older run.json: no device
+    table = plot.target_table(plot.load_runs(str(exp_dir)), TARGET)
+    assert table_row(table, "balanced")[5] == "NVIDIA H100 80GB HBM3, 4 runs/GPU; NVIDIA H200, 3 runs/GPU"
+    assert table_row(table, "on_policy")[5] == "?"
