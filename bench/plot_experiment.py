@@ -14,6 +14,8 @@ run-to-run accuracy differences of each arm and seed and the accuracy pooled ove
 Compute: forward tokens are the servers' per-step counts (`optimal_sampling/policy_forward_tokens` +
 `--teacher-cost` x `optimal_sampling/teacher_forward_tokens`), summed over the steps up to the validation;
 wall-clock is the sum of verl's `timing_s/step` (rollout, training and weight sync; start-up and validation left out).
+Seconds compare only on one kind of card under one load: `run.json` beside each metrics file (run_arm.sh) names
+both; the target table lists them per arm, and the legend names each arm's card when the arms used several.
 Knows nothing about verl or the recipe: it reads JSON lines.
 """
 
@@ -122,6 +124,12 @@ def measured_on(run_json: str) -> str:
     if not info.get("device"):
         return ""
     return f"{info['device']}, {info.get('runs_per_gpu', '?')} runs/GPU"
+
+
+def card(measured_on: str) -> str:
+    """The card's short name in a measured_on() string ("NVIDIA H100 80GB HBM3, 4 runs/GPU" -> "H100"; "?": unknown)."""
+    name = measured_on.split(",")[0].removeprefix("NVIDIA ").split()
+    return name[0] if name else "?"
 
 
 def in_arm_order(runs: dict) -> dict:
@@ -261,11 +269,11 @@ def plot_curves(runs: dict[str, dict[int, Run]], path: str, target: float | None
         ("wall-clock of the steps (s)", lambda r: r.seconds),
     )
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
-    places = {r.measured_on for seeds in runs.values() for r in seeds.values()}
+    cards = {card(r.measured_on) for seeds in runs.values() for r in seeds.values()}
     for arm, seeds in runs.items():
-        # several cards or loads: the legend names each arm's, as the wall-clock axis is only comparable within one
+        # several cards: the legend names each arm's, as the wall-clock axis only compares within one
         label = f"{arm} (n={len(seeds)}" + (
-            f"; {' / '.join(sorted({r.measured_on for r in seeds.values()}))})" if len(places) > 1 else ")"
+            f", {'/'.join(sorted({card(r.measured_on) for r in seeds.values()}))})" if len(cards) > 1 else ")"
         )
         for ax, (_, x_of) in zip(axes, axes_spec, strict=True):
             x, mean, std, _ = curve_band(seeds, x_of)
@@ -276,9 +284,11 @@ def plot_curves(runs: dict[str, dict[int, Run]], path: str, target: float | None
         if target is not None:
             ax.axhline(target, color="grey", ls=":", lw=1)
     axes[0].set(ylabel="held-out accuracy, policy alone (greedy)")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    rows = math.ceil(len(labels) / 5)
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=9, frameon=False)
     fig.suptitle("GRPO on the addition task: policy-only held-out accuracy, mean ± std over seeds")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -196,3 +196,6 @@ def test_target_table_names_the_card_and_load_of_each_arm(exp_dir):
     table = plot.target_table(plot.load_runs(str(exp_dir)), TARGET)
     assert table_row(table, "balanced")[5] == "NVIDIA H100 80GB HBM3, 4 runs/GPU; NVIDIA H200, 3 runs/GPU"
     assert table_row(table, "on_policy")[5] == "?"
+    balanced = plot.load_runs(str(exp_dir))["balanced"]
+    assert [plot.card(balanced[seed].measured_on) for seed in range(3)] == ["H200", "H100", "H200"]  # the legend's
+    assert plot.card("") == "?"  # short names
