@@ -10,6 +10,8 @@ Per (pair, batch): naive = `DualSampler` reference path (HF forward per model pe
 engine = `FastDualEngine` (static caches, fused kernels, one CUDA graph per step), floor = bytes of both models'
 weights read per step / read bandwidth measured in the same run (+ KV cache bytes in `floor_kv`), plus the fused
 q* step's share (support, alpha, mixing, sampling), each model's decode alone, peak memory and capture time.
+Policy-only decode (the on-policy members of a mixed group; the teacher is not run), with --methods
+naive_policy_only,policy_only: the reference loop on the policy alone against the engine's policy-only graphs.
 """
 
 import argparse
@@ -27,6 +29,7 @@ from recipe.optimal_sampling import SamplerConfig  # noqa: E402
 from recipe.optimal_sampling.core.fused import fused_sample  # noqa: E402
 from recipe.optimal_sampling.engine import sampler as ref  # noqa: E402
 from recipe.optimal_sampling.engine.fast.engine import FastDualEngine, bucket_for  # noqa: E402
+from recipe.optimal_sampling.engine.policy_only import policy_only_config  # noqa: E402
 
 # Public Qwen3 configs (hidden, intermediate, layers, heads, kv heads, tied); head_dim 128, vocab 151,936.
 ARCH = {
@@ -99,41 +102,46 @@ def graphed(fn):
 
 
 def bench_naive(policy, teacher, prompts, cfg, steps: int) -> dict:
-    """The reference DualSampler loop (prefill once, then sample_step + one HF forward per model per token)."""
+    """The reference DualSampler loop (prefill once, then sample_step + one HF forward per model per token);
+    teacher None: the reference policy-only loop (`engine.policy_only.generate_policy_only`: the policy's logits in
+    both slots of sample_step, one HF forward per token)."""
     gen = torch.Generator("cuda").manual_seed(0)
-    ps, ts = ref._prefill(policy, prompts, "cuda"), ref._prefill(teacher, prompts, "cuda")
+    states = [ref._prefill(m, prompts, "cuda") for m in (policy, teacher) if m is not None]
     active = torch.ones(len(prompts), dtype=torch.bool, device="cuda")
     state = {"step": 0}
 
     def one_step():
-        rec = ref.sample_step(ps.logits[:, :VOCAB], ts.logits[:, :VOCAB], state["step"], cfg, gen)
+        logits = [s.logits[:, :VOCAB] for s in states]
+        rec = ref.sample_step(logits[0], logits[-1], state["step"], cfg, gen)
         bool(active.all())  # the reference loop syncs once per step to test "all finished"
-        ref._decode(policy, ps, rec.token, active)
-        ref._decode(teacher, ts, rec.token, active)
+        for m, s in zip((policy, teacher), states, strict=False):
+            ref._decode(m, s, rec.token, active)
         state["step"] += 1
 
     ms = timed(one_step, steps)
     return {"ms_per_step": ms}
 
 
-def bench_engine(engine: FastDualEngine, prompts, cfg, steps: int) -> dict:
+def bench_engine(engine: FastDualEngine, prompts, cfg, steps: int, policy_only: bool = False) -> dict:
     B = len(prompts)
     bucket = bucket_for(B)
     ctx = len(prompts[0])
     engine.reserve(bucket, ctx + 2 * steps + 2, 2 * steps + 2)
     t0 = time.perf_counter()
-    step_fn = engine._step_fn(bucket, cfg)  # captures on first use of this bucket
+    step_fn = engine._step_fn(bucket, cfg, policy_only)  # captures on first use of this bucket
     capture_s = time.perf_counter() - t0
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    engine._reset(prompts, prompts, bucket, seed=0)
+    engine._reset((prompts,) if policy_only else (prompts, prompts), bucket, seed=0)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
     ms = timed(lambda: step_fn(0), steps)
     st = engine.state
+    lt = st.logits[0 if policy_only else 1]
     sample = graphed(lambda: fused_sample(
-        st.logits[0][:bucket], st.logits[1][:bucket], st.step, st.seed, temperature=cfg.temperature,
-        top_p=cfg.teacher_top_p, alpha_method=cfg.alpha_method, force_teacher_tokens=cfg.force_teacher_tokens,
+        st.logits[0][:bucket], lt[:bucket], st.step, st.seed, temperature=cfg.temperature,
+        top_p=cfg.teacher_top_p, alpha_method=cfg.alpha_method, fixed_alpha=cfg.fixed_alpha,
+        force_teacher_tokens=cfg.force_teacher_tokens,
     ))  # fmt: skip
     tok = st.tokens[:bucket, 0]
     decode = [graphed(lambda m=m, p=p, lg=lg: m.decode(tok, p[:bucket], lg[:bucket]))
@@ -158,6 +166,7 @@ def run(args) -> None:
     bw = read_bandwidth()
     emit(out, {**meta, "kind": "bandwidth", "read_tb_s": bw / 1e12})
     cfg = SamplerConfig.preset(args.preset)
+    policy_only = policy_only_config(cfg.temperature, ())  # q* = pi_theta at the preset's temperature
     for pair in args.pairs.split(","):
         p_name, t_name = PAIRS[pair]
         policy, teacher = build(p_name, 0), build(t_name, 1)
@@ -175,10 +184,14 @@ def run(args) -> None:
                 torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 try:
-                    if method == "naive" and B > args.naive_max_batch:
+                    if method.startswith("naive") and B > args.naive_max_batch:
                         res = {"error": f"skipped (--naive-max-batch {args.naive_max_batch}: device time)"}
                     elif method == "naive":
                         res = bench_naive(policy, teacher, prompts, cfg, args.naive_steps)
+                    elif method == "naive_policy_only":
+                        res = bench_naive(policy, None, prompts, policy_only, args.naive_steps)
+                    elif method == "policy_only":
+                        res = bench_engine(engine, prompts, policy_only, args.steps, policy_only=True)
                     else:
                         res = bench_engine(engine, prompts, cfg, args.steps)
                     if "ms_per_step" in res:
@@ -228,7 +241,24 @@ def table(path: str) -> str:
             f"{f(eng.get('capture_s'), 1)} |"
         )
     bw = ", ".join(f"{b['device']}: {b['read_tb_s']:.2f} TB/s" for b in bws)
-    return "\n".join(lines) + f"\n\nMeasured read bandwidth (sum over 4 GiB of bf16): {bw}\n"
+    text = "\n".join(lines) + f"\n\nMeasured read bandwidth (sum over 4 GiB of bf16): {bw}\n"
+    solo = [r for r in rows if r["kind"] == "result" and "policy_only" in r]
+    if solo:
+        lines = [
+            "| device | pair | batch | reference policy-only ms/step | engine policy-only ms/step | speed-up "
+            "| engine dual ms/step | policy decode alone ms |",
+            "|" + "---|" * 8,
+        ]
+        for r in solo:
+            eng, nv, dual = r["policy_only"], r.get("naive_policy_only", {}), r.get("engine", {})
+            ms, nms = eng.get("ms_per_step"), nv.get("ms_per_step")
+            lines.append(
+                f"| {r['device']} | {r['pair']} | {r['batch']} | {f(nms, 1) if nms else nv.get('error', '-')} | "
+                f"{f(ms) if ms else eng.get('error', '-')} | {f(nms / ms, 1) + 'x' if nms and ms else '-'} | "
+                f"{f(dual.get('ms_per_step'))} | {f(eng.get('policy_decode_ms'))} |"
+            )
+        text += "\nPolicy-only decode (the teacher is not run):\n\n" + "\n".join(lines) + "\n"
+    return text
 
 
 def main() -> None:
@@ -236,7 +266,7 @@ def main() -> None:
     parser.add_argument("--pairs", default="small,4b-14b", help=f"comma-separated, from {sorted(PAIRS)}")
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens per row")
-    parser.add_argument("--methods", default="naive,engine", help="naive,engine")
+    parser.add_argument("--methods", default="naive,engine", help="naive,engine,naive_policy_only,policy_only")
     parser.add_argument("--steps", type=int, default=30, help="timed engine steps")
     parser.add_argument("--naive-steps", type=int, default=5, help="timed naive steps")
     parser.add_argument("--naive-max-batch", type=int, default=256, help="skip the naive loop above this batch")

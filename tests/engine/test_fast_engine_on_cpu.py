@@ -1,6 +1,8 @@
 """The fast path's static-cache Qwen3 forward and engine loop on CPU (torch twins of the kernels, no graphs),
 against full HF forward passes."""
 
+import math
+
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -110,3 +112,54 @@ def test_buckets_and_unsupported_models():
     assert "head_dim" in unsupported_reason(tiny_qwen3(0, 32))  # head_dim 8
     with pytest.raises(ValueError, match="backend='reference'"):
         StaticQwen3(tiny_qwen3(0, 32), 32, use_triton=False)
+
+
+def check_policy_only(out, policy, prompts, temperature: float, atol: float) -> None:
+    """A policy-only decode: log q* = log pi_theta of a full forward pass at each sampled token, alpha 0, nothing
+    forced, and the teacher's traces NaN (not computed)."""
+    for i, tokens in enumerate(out.token_ids):
+        idx = torch.tensor(tokens)[:, None]
+        lp = full_logp(policy, prompts[i], tokens, temperature).gather(-1, idx)[:, 0]
+        torch.testing.assert_close(torch.tensor(out.logp_policy[i]), lp, atol=atol, rtol=0)
+        torch.testing.assert_close(torch.tensor(out.logp_q[i]), torch.tensor(out.logp_policy[i]), atol=1e-5, rtol=0)
+        assert set(out.alpha[i]) == {0.0} and not any(out.forced[i])
+        for trace in (out.logp_teacher[i], out.diagnostics["kl_q_teacher"][i], out.diagnostics["ess_teacher"][i]):
+            assert all(math.isnan(x) for x in trace)
+
+
+def test_engine_policy_only_decode_runs_the_policy_alone(models):
+    """policy_only: the teacher's model is never prefilled or decoded (spied), and a dual decode afterwards still
+    equals a full forward pass of both models (the teacher's stale cache is refilled)."""
+    from recipe.optimal_sampling.engine.policy_only import policy_only_config
+
+    policy, teacher = models
+    engine = FastDualEngine(policy, teacher, V, use_graphs=False)
+    calls = []
+    for name in ("prefill", "decode"):
+        real = getattr(engine.models[1], name)
+        setattr(engine.models[1], name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    cfg = policy_only_config(0.8, stop_token_ids=(5, 17, 33))
+    out = engine.generate(POLICY_PROMPTS * 2, None, 12, seed=3, config=cfg, policy_only=True)
+    assert calls == [] and len(out.token_ids) == 6
+    check_policy_only(out, policy, POLICY_PROMPTS * 2, 0.8, atol=1e-4)
+    dual = engine.generate(POLICY_PROMPTS, TEACHER_PROMPTS, 6, seed=0, config=SamplerConfig.preset("exploratory"))
+    assert calls and calls[0] == "prefill"
+    for i, tokens in enumerate(dual.token_ids):
+        lt = full_logp(teacher, TEACHER_PROMPTS[i], tokens).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(dual.logp_teacher[i]), lt, atol=1e-4, rtol=0)
+
+
+def test_engine_policy_only_decode_draws_the_reference_loops_samples(models):
+    """Same seed and prompts: the engine's eager policy-only path and the reference loop (`generate_policy_only`)
+    sample with the same generator from logits equal to 1e-4, so their tokens agree (4 rows: a full bucket, as
+    padding rows would draw from the generator too)."""
+    from recipe.optimal_sampling.engine.policy_only import generate_policy_only, policy_only_config
+
+    policy, teacher = models
+    engine = FastDualEngine(policy, teacher, V, use_graphs=False)
+    prompts, config = [*POLICY_PROMPTS, [20, 21]], policy_only_config(1.0, ())
+    for seed in range(3):
+        got = engine.generate(prompts, None, 10, seed=seed, config=config, policy_only=True)
+        want = generate_policy_only(policy, V, prompts, 10, seed, stop_token_ids=())
+        assert got.token_ids == want.token_ids, seed
+        torch.testing.assert_close(torch.tensor(got.logp_q), torch.tensor(want.logp_q), atol=1e-4, rtol=0)

@@ -4,6 +4,8 @@ float32 models: traces must equal a full forward pass of each model within 1e-4 
 attention dots in IEEE float32). bf16 models: within 0.05 nats (bf16 rounding inside the layers differs from HF's
 in a few places, e.g. RoPE is applied in float32 and rounded once)."""
 
+import math
+
 import pytest
 import torch
 
@@ -116,3 +118,30 @@ def test_too_large_a_batch_fails_early_naming_the_memory(models):
     with pytest.raises(MemoryError, match="GiB"):
         engine.reserve(4096, 10**7, 8)
     assert engine.state is None
+
+
+def test_policy_only_decode_has_its_own_graphs_and_skips_the_teacher(models):
+    """DualSampler.generate_policy_only on the cuda_graph backend: the teacher's model is never prefilled or decoded
+    (spied, capture included), log q* = log pi_theta of a full forward pass, alpha 0, teacher traces NaN, seeds
+    reproduce, and a dual decode on the same engine afterwards still matches both models."""
+    policy, teacher = models
+    sampler = DualSampler(*models, SamplerConfig.preset("balanced", temperature=0.8), backend="cuda_graph")
+    engine = sampler._fast_engine()
+    calls = []
+    for name in ("prefill", "decode"):
+        real = getattr(engine.models[1], name)
+        setattr(engine.models[1], name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    prompts = POLICY_PROMPTS * 4  # 12 rows: bucket 16
+    out = sampler.generate_policy_only(prompts, 12, seed=5)
+    assert calls == [] and {key[2] for key in engine.graphs} == {True}
+    for i, tokens in enumerate(out.token_ids):
+        idx = torch.tensor(tokens)[:, None]
+        lp = full_logp(policy, prompts[i], tokens, 0.8).gather(-1, idx)[:, 0]
+        torch.testing.assert_close(torch.tensor(out.logp_policy[i]), lp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(out.logp_q[i]), lp, atol=1e-4, rtol=0)
+        assert set(out.alpha[i]) == {0.0} and all(math.isnan(x) for x in out.logp_teacher[i])
+    again = sampler.generate_policy_only(prompts, 12, seed=5)
+    assert again.token_ids == out.token_ids and again.logp_q == out.logp_q
+    dual = sampler.generate(POLICY_PROMPTS, TEACHER_PROMPTS, 12, seed=0)
+    check_traces(dual, *models, sampler.config, atol=1e-4)
+    assert {key[2] for key in engine.graphs} == {True, False}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from recipe.optimal_sampling.engine.policy_only import ignores_teacher
 from recipe.optimal_sampling.main import prepare_config
 from recipe.optimal_sampling.verl.config import OptimalSamplingConfig
-from recipe.optimal_sampling.verl.server import ignores_teacher
 from tests.verl.fixtures import compose_config
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "experiments"

@@ -19,9 +19,10 @@ from verl.workers.rollout.llm_server import LLMServerClient
 from verl.workers.rollout.router import get_router_handle
 
 from recipe.optimal_sampling.engine import DualSampler, stop_ids_for
+from recipe.optimal_sampling.engine.policy_only import POLICY_ONLY, generate_policy_only, ignores_teacher
 from recipe.optimal_sampling.main import CONFIG_DIR
 from recipe.optimal_sampling.verl.config import OptimalSamplingConfig, check_trainer_config
-from recipe.optimal_sampling.verl.server import FORWARD_TOKEN_KEYS, POLICY_ONLY, generate_policy_only, ignores_teacher
+from recipe.optimal_sampling.verl.server import FORWARD_TOKEN_KEYS
 from recipe.optimal_sampling.verl.trainer import OptimalSamplingTrainer, forward_token_metrics
 from tests.verl.fixtures import compose_config, make_agent_loop, tiny_overrides
 

@@ -19,6 +19,7 @@ from .step import StepRecord, sample_step
 
 TRACE_FIELDS = ("logp_q", "logp_policy", "logp_teacher", "alpha")
 DIAGNOSTIC_FIELDS = ("kl_q_policy", "kl_q_teacher", "ess_policy", "ess_teacher", "entropy_q")
+TEACHER_FIELDS = ("logp_teacher", "kl_q_teacher", "ess_teacher")  # the traces that need the teacher's logits
 
 
 @dataclass
@@ -128,6 +129,30 @@ class DualSampler:
         _raise_if_non_finite(non_finite)
         # 4) cut at stop tokens and convert to lists
         return _assemble(records, self.config.stop_token_ids)
+
+    @torch.no_grad()
+    def generate_policy_only(
+        self, policy_prompt_ids: list[list[int]], max_new_tokens: int, seed: int | None = None, temperature=None
+    ) -> DualSample:
+        """Sample from pi_theta alone; the teacher is not run and its traces are NaN (`policy_only`).
+        temperature: None = the config's; 0 = greedy (the reference loop: the fused step only samples)."""
+        from .policy_only import generate_policy_only, policy_only_config
+
+        self._check_prompts(policy_prompt_ids, policy_prompt_ids, max_new_tokens)
+        temperature = self.config.temperature if temperature is None else float(temperature)
+        seed = torch.seed() % 2**62 if seed is None else seed
+        if self.backend == "cuda_graph" and temperature > 0:
+            config = policy_only_config(temperature, self.config.stop_token_ids)
+            return self._fast_engine().generate(policy_prompt_ids, None, max_new_tokens, seed, config, policy_only=True)
+        return generate_policy_only(
+            self.policy,
+            self.vocab_size,
+            policy_prompt_ids,
+            max_new_tokens,
+            seed,
+            self.config.stop_token_ids,
+            temperature,
+        )
 
     def _fast_engine(self):
         if not self._fast:

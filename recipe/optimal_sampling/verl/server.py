@@ -7,8 +7,8 @@ Pipeline of one request:
 1) `generate` checks the sampling parameters, decides whether the request needs the teacher, queues it and awaits
    its future;
 2) `_drain` waits `batch_window_ms` for concurrent requests, takes up to `max_num_seqs` of them of one kind and runs
-   one `DualSampler.generate` (or, for policy-only requests, `generate_policy_only`) in a worker thread (the event
-   loop keeps accepting requests);
+   one `DualSampler.generate` (for policy-only requests `DualSampler.generate_policy_only`) in a worker thread (the
+   event loop keeps accepting requests);
 3) each row is cut to its own token budget and returned as a `TokenOutput`, with the forward tokens each model spent
    on it.
 
@@ -33,8 +33,8 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig
 from verl.workers.rollout.replica import TokenOutput
 
-from ..engine import DualSample, DualSampler, SamplerConfig, sample_step, stop_ids_for
-from ..engine.sampler import _assemble, _decode, _prefill  # the reference decode loop's pieces (one model here)
+from ..engine import DualSample, DualSampler, SamplerConfig, stop_ids_for
+from ..engine.policy_only import ignores_teacher
 from .config import OptimalSamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -42,9 +42,7 @@ logger = logging.getLogger(__name__)
 TRACE_PREFIX = "dual_"  # extra_fields keys: dual_alpha, dual_logp_policy, ...
 TRACE_KEYS = ("logp_policy", "logp_teacher", "alpha", "forced", "support_size")
 DIAGNOSTIC_KEYS = ("kl_q_policy", "kl_q_teacher", "ess_policy", "ess_teacher", "entropy_q")
-TEACHER_DIAGNOSTIC_KEYS = ("kl_q_teacher", "ess_teacher")  # NaN when the teacher was not run
 FORWARD_TOKEN_KEYS = {"policy": "dual_policy_forward_tokens", "teacher": "dual_teacher_forward_tokens"}  # extra_fields
-POLICY_ONLY = SamplerConfig(alpha_method="fixed", fixed_alpha=0.0, force_teacher_tokens=0, teacher_top_p=None)
 
 
 @dataclass
@@ -165,10 +163,7 @@ class DualSamplerServer:
         seed = int(self.config.seed) * 1_000_003 + self.replica_rank * 10_007 + self._batches
         policy_ids, max_new_tokens = [r.policy_ids for r in batch], max(r.max_tokens for r in batch)
         if batch[0].policy_only:
-            stop = self.sampler.config.stop_token_ids
-            return generate_policy_only(
-                self.policy, self.sampler.vocab_size, policy_ids, max_new_tokens, seed, stop, batch[0].temperature
-            )
+            return self.sampler.generate_policy_only(policy_ids, max_new_tokens, seed, batch[0].temperature)
         return self.sampler.generate(policy_ids, [r.teacher_ids for r in batch], max_new_tokens, seed=seed)
 
     def _token_output(self, sample: DualSample, i: int, request: _Request) -> TokenOutput:
@@ -286,70 +281,3 @@ def _check_sampling_params(params: dict, temperature: float, policy_only_validat
         )
     if float(params.get("top_p", 1.0)) != 1.0 or int(params.get("top_k", -1)) not in (-1, 0):
         raise ValueError(f"top_p/top_k are not supported by the dual server (got {params}); use teacher_top_p")
-
-
-def ignores_teacher(config: SamplerConfig) -> bool:
-    """True when q* = pi_theta whatever the teacher says: alpha fixed at 0, no forcing, no support constraint."""
-    return (
-        config.alpha_method == "fixed"
-        and config.fixed_alpha == 0.0
-        and config.force_teacher_tokens == 0
-        and config.teacher_top_p is None
-    )
-
-
-@torch.no_grad()
-def generate_policy_only(
-    policy,
-    vocab_size: int,
-    prompt_ids: list[list[int]],
-    max_new_tokens: int,
-    seed: int,
-    stop_token_ids: tuple[int, ...],
-    temperature: float = 1.0,
-) -> DualSample:
-    """Sample from pi_theta alone, without running the teacher: `DualSampler.generate`'s reference loop on one model.
-    `sample_step` gets the policy's logits in the teacher's slot with alpha = 0, where they are multiplied by 0, so q*,
-    the generator's draws and hence the samples equal those of a DualSampler with POLICY_ONLY (same seed, reference
-    backend). temperature 0 = greedy (logp_q = 0: a point mass). Teacher traces are NaN."""
-    config = POLICY_ONLY.replace(temperature=temperature or 1.0, stop_token_ids=tuple(stop_token_ids))
-    device = next(policy.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
-    # 1) prefill the policy's cache
-    state = _prefill(policy, prompt_ids, device)
-    finished = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)  # (B,)
-    records = []
-    for step in range(max_new_tokens):
-        # 2) one token from pi_theta (or its argmax)
-        logits = state.logits[:, :vocab_size]  # (B, V)
-        record = _without_teacher(sample_step(logits, logits, step, config, generator))
-        if temperature == 0:
-            record = _greedy(record, logits)
-        record.token = torch.where(finished, torch.zeros_like(record.token), record.token)  # (B,)
-        records.append(record)
-        finished = finished | torch.isin(record.token, stop_ids)  # (B,)
-        if step + 1 == max_new_tokens or bool(finished.all()):
-            break
-        # 3) the policy reads the token; finished rows are fed a pad token that their mask hides
-        _decode(policy, state, record.token, ~finished)
-    # 4) cut at stop tokens and convert to lists
-    return _assemble(records, config.stop_token_ids)
-
-
-def _without_teacher(record):
-    """The record's teacher-dependent entries were computed against the policy: mark them not computed."""
-    nan = torch.full_like(record.logp_teacher, float("nan"))  # (B,)
-    record.logp_teacher = nan
-    record.diagnostics = {**record.diagnostics, **{k: nan for k in TEACHER_DIAGNOSTIC_KEYS}}
-    return record
-
-
-def _greedy(record, logits):
-    """The argmax token instead of the sampled one; its behaviour log-prob is 0 (greedy decoding is a point mass)."""
-    record.token = logits.argmax(dim=-1)  # (B,)
-    logp = logits.float().log_softmax(dim=-1)  # (B, V)
-    record.logp_policy = logp.gather(-1, record.token.unsqueeze(-1)).squeeze(-1)  # (B,)
-    record.logp_q = torch.zeros_like(record.logp_policy)  # (B,)
-    record.support_size = torch.ones_like(record.support_size)  # (B,)
-    return record

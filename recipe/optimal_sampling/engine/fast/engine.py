@@ -8,7 +8,9 @@ per (bucket, sampler config) that holds a whole token step:
      sampled a stop token are marked finished
   3) both models decode the token (StaticQwen3.decode), writing the next logits in place; positions and step += 1
 The host replays the graph and looks at "all finished" only every `check_every` steps; the traces come back to
-the host once, at the end. Knows nothing about tokenizers, verl or how prompts were built.
+the host once, at the end. A policy-only decode (`policy_only=True`: q* = pi_theta, the teacher not run) has its own
+graphs: step 1 reads the policy's logits in both slots and step 3 decodes the policy alone. Knows nothing about
+tokenizers, verl or how prompts were built.
 """
 
 import math
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from ...core.fused import RECORD_FIELDS, fused_available, fused_sample
 from ..config import SamplerConfig
-from ..sampler import DIAGNOSTIC_FIELDS, TRACE_FIELDS, DualSample
+from ..sampler import DIAGNOSTIC_FIELDS, TEACHER_FIELDS, TRACE_FIELDS, DualSample
 from ..step import sample_step
 from .model import StaticQwen3
 
@@ -76,23 +78,33 @@ class FastDualEngine:
         if self.use_graphs and not (self.device.type == "cuda" and self.fused):
             raise ValueError("use_graphs=True needs a CUDA device with Triton; pass use_graphs=False")
         self.state: _State | None = None
-        self.graphs: dict[tuple[int, SamplerConfig], torch.cuda.CUDAGraph] = {}
-        self.warmup_seconds: dict[tuple[int, SamplerConfig], float] = {}  # capture cost per (bucket, config)
+        self.graphs: dict[tuple[int, SamplerConfig, bool], torch.cuda.CUDAGraph] = {}  # (bucket, config, policy_only)
+        self.warmup_seconds: dict[tuple[int, SamplerConfig, bool], float] = {}  # capture cost per graph key
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stops: dict[SamplerConfig, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------- public
     @torch.no_grad()
-    def generate(self, policy_prompt_ids, teacher_prompt_ids, max_new_tokens: int, seed: int, config: SamplerConfig):
-        """Same contract as `DualSampler.generate` (inputs already validated there)."""
+    def generate(
+        self,
+        policy_prompt_ids,
+        teacher_prompt_ids,
+        max_new_tokens: int,
+        seed: int,
+        config: SamplerConfig,
+        policy_only: bool = False,
+    ):
+        """Same contract as `DualSampler.generate` (inputs already validated there). policy_only: the contract of
+        `DualSampler.generate_policy_only` instead (config must ignore the teacher; teacher_prompt_ids unused)."""
         B = len(policy_prompt_ids)
         bucket = bucket_for(B)
-        longest = max(max(len(p) for p in policy_prompt_ids), max(len(p) for p in teacher_prompt_ids))
+        prompts = (policy_prompt_ids,) if policy_only else (policy_prompt_ids, teacher_prompt_ids)
+        longest = max(len(p) for side in prompts for p in side)
         # 1) capacity (may reallocate, which drops the captured graphs)
         self.reserve(bucket, longest + max_new_tokens, max_new_tokens)
-        step_fn = self._step_fn(bucket, config)
-        # 2) prefill both caches, reset the per-call state
-        self._reset(policy_prompt_ids, teacher_prompt_ids, bucket, seed)
+        step_fn = self._step_fn(bucket, config, policy_only)
+        # 2) prefill the caches (the policy's alone when policy_only), reset the per-call state
+        self._reset(prompts, bucket, seed)
         # 3) decode: replay, with a host check every `check_every` steps
         steps = 0
         while steps < max_new_tokens:
@@ -101,7 +113,7 @@ class FastDualEngine:
             if steps % self.check_every == 0 and bool(self.state.finished[:B].all()):
                 break
         # 4) traces back to the host, cut at stop tokens
-        return self._assemble(B, steps, config)
+        return self._assemble(B, steps, config, policy_only)
 
     def reserve(self, batch: int, seq: int, steps: int) -> None:
         """Make room for `batch` rows of `seq` cache slots and `steps` trace columns; raises MemoryError early
@@ -119,9 +131,12 @@ class FastDualEngine:
         self.state = _State(self.models, batch, seq, steps, self.vocab_size)
 
     # ------------------------------------------------------------------------------------------ the step
-    def _step(self, bucket: int, config: SamplerConfig, host_step: int | None = None) -> None:
+    def _step(self, bucket: int, config: SamplerConfig, host_step: int | None = None, policy_only=False) -> None:
         st = self.state
         logits = [lg[:bucket] for lg in st.logits]  # (bucket, V) each
+        models = self.models[:1] if policy_only else self.models
+        if policy_only:  # q* = pi_theta: the policy's logits stand in for the teacher's, which alpha = 0 ignores
+            logits = [logits[0], logits[0]]
         # 1) one token per row from q*
         if self.fused:
             token, record = fused_sample(
@@ -145,8 +160,8 @@ class FastDualEngine:
         st.tokens[:bucket].index_copy_(1, st.step.view(1), token.unsqueeze(-1))
         if config.stop_token_ids:
             finished |= torch.isin(token, self._stop_ids(config))
-        # 3) both models read the token
-        for model, pos, out in zip(self.models, st.pos, logits, strict=True):
+        # 3) both models (the policy alone when policy_only) read the token
+        for model, pos, out in zip(models, st.pos, logits, strict=False):  # models: 1 or 2
             model.decode(token, pos[:bucket], out)
             pos[:bucket] += 1
         st.step += 1
@@ -165,16 +180,16 @@ class FastDualEngine:
         rows += [rec.diagnostics[name] for name in DIAGNOSTIC_FIELDS] + nan
         return rec.token, torch.stack(rows).float()  # (B,), (F, B)
 
-    def _step_fn(self, bucket: int, config: SamplerConfig):
+    def _step_fn(self, bucket: int, config: SamplerConfig, policy_only: bool = False):
         """A callable(step) running one step: a CUDA graph replay (captured on first use) or an eager step."""
         if not self.use_graphs:
-            return lambda step: self._step(bucket, config, step)
-        key = (bucket, config)
+            return lambda step: self._step(bucket, config, step, policy_only)
+        key = (bucket, config, policy_only)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, config)
+            self.graphs[key] = self._capture(*key)
         return lambda step: self.graphs[key].replay()
 
-    def _capture(self, bucket: int, config: SamplerConfig) -> torch.cuda.CUDAGraph:
+    def _capture(self, bucket: int, config: SamplerConfig, policy_only: bool) -> torch.cuda.CUDAGraph:
         """Warm up (compiles kernels on first use) on dummy state, then capture one step."""
         t0 = time.perf_counter()
         st = self.state
@@ -187,22 +202,21 @@ class FastDualEngine:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(bucket, config)
+                self._step(bucket, config, policy_only=policy_only)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(bucket, config)
+            self._step(bucket, config, policy_only=policy_only)
         torch.cuda.synchronize()
-        self.warmup_seconds[(bucket, config)] = time.perf_counter() - t0
+        self.warmup_seconds[(bucket, config, policy_only)] = time.perf_counter() - t0
         return graph
 
     # ------------------------------------------------------------------------------------------- per call
-    def _reset(self, policy_prompts, teacher_prompts, bucket: int, seed: int) -> None:
-        st, B = self.state, len(policy_prompts)
-        for model, prompts, pos, lg in zip(
-            self.models, (policy_prompts, teacher_prompts), st.pos, st.logits, strict=True
-        ):
-            pos[:B] = model.prefill(prompts, lg[:B])
+    def _reset(self, prompts: tuple, bucket: int, seed: int) -> None:
+        """Prefill each model in `prompts` ((policy,) or (policy, teacher) prompt lists) and reset the call state."""
+        st, B = self.state, len(prompts[0])
+        for model, side, pos, lg in zip(self.models, prompts, st.pos, st.logits, strict=False):  # prompts: 1 or 2
+            pos[:B] = model.prefill(side, lg[:B])
             pos[B:bucket] = 0  # padding rows decode garbage from slot 0; they are never read
             lg[B:bucket] = 0
         st.finished[:B] = False
@@ -211,11 +225,14 @@ class FastDualEngine:
         st.seed.fill_(seed)
         self._generator = torch.Generator(self.device).manual_seed(seed)
 
-    def _assemble(self, B: int, steps: int, config: SamplerConfig) -> DualSample:
+    def _assemble(self, B: int, steps: int, config: SamplerConfig, policy_only: bool = False) -> DualSample:
         st = self.state
         tokens = st.tokens[:B, :steps].tolist()  # (B, T)
         rec = st.trace[:, :B, :steps].cpu()  # (F, B, T)
-        bad = [name for name, row in (("policy", "nan_policy"), ("teacher", "nan_teacher")) if rec[_ROW[row]].any()]
+        if policy_only:  # the teacher's rows were computed against the policy: not computed (NaN), as the reference
+            rec[[_ROW[name] for name in TEACHER_FIELDS]] = float("nan")
+        models = (("policy", "nan_policy"),) if policy_only else (("policy", "nan_policy"), ("teacher", "nan_teacher"))
+        bad = [name for name, row in models if rec[_ROW[row]].any()]
         if bad:
             raise FloatingPointError(
                 f"the {' and '.join(bad)} model produced NaN logits: check the checkpoint's dtype (fp16 overflow?) "
