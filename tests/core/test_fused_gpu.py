@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from recipe.optimal_sampling.core import mix_logprobs, solve_alpha, teacher_top_p_support, token_diagnostics
-from recipe.optimal_sampling.core.fused import RECORD_FIELDS, fused_alpha, fused_sample, support_from_threshold
+from recipe.optimal_sampling.core import mix_logprobs, solve_alpha, teacher_top_p_support
+from recipe.optimal_sampling.core.fused import fused_alpha, fused_sample, support_from_threshold
+from tests.core.test_fused_on_cpu import check_record
 
 pytestmark = pytest.mark.gpu
 V = 151_936
@@ -80,17 +81,7 @@ def test_fused_record_matches_reference_maths(method):
     step, seed = torch.tensor(2, device="cuda"), torch.tensor(11, device="cuda")
     kw = {"fixed_alpha": 0.3} if method == "fixed" else {}
     token, rec = fused_sample(lg_p, lg_t, step, seed, temperature=0.7, top_p=0.9, alpha_method=method, **kw)
-    lp, lt = (lg_p.float() / 0.7).log_softmax(-1), (lg_t.float() / 0.7).log_softmax(-1)
-    _, thr = fused_alpha(lg_p, lg_t, 0.7, 0.9)
-    support = support_from_threshold(lg_t, thr)
-    alpha = solve_alpha(lp, lt, support, method, kw.get("fixed_alpha"))
-    logq = mix_logprobs(lp, lt, alpha, support)
-    pick = lambda x: x.gather(-1, token[:, None])[:, 0]  # noqa: E731
-    ref = {"logp_q": pick(logq), "logp_policy": pick(lp), "logp_teacher": pick(lt), "alpha": alpha,
-           "support_size": support.sum(-1).float(), **token_diagnostics(lp, lt, logq)}  # fmt: skip
-    assert support.gather(-1, token[:, None]).all()
-    for name, value in ref.items():
-        torch.testing.assert_close(rec[RECORD_FIELDS.index(name)], value.float(), atol=2e-4, rtol=1e-4, msg=name)
+    check_record(token, rec, lg_p, lg_t, 0.7, 0.9, method, kw.get("fixed_alpha"))
 
 
 def test_fused_sampling_frequencies_match_q_star():

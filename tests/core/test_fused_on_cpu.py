@@ -64,9 +64,14 @@ def test_fused_record_matches_reference_maths():
     g = torch.Generator().manual_seed(3)
     lg_p, lg_t = (torch.randn(3, 2500, generator=g) * 4).bfloat16(), (torch.randn(3, 2500, generator=g) * 4).bfloat16()
     token, rec = fused_sample(lg_p, lg_t, torch.tensor(2), torch.tensor(11), temperature=0.7, top_p=0.9)
-    lp, lt = (lg_p.float() / 0.7).log_softmax(-1), (lg_t.float() / 0.7).log_softmax(-1)
-    support = support_from_threshold(lg_t, fused_alpha(lg_p, lg_t, 0.7, 0.9)[1])
-    alpha = solve_alpha(lp, lt, support)
+    check_record(token, rec, lg_p, lg_t, temperature=0.7, top_p=0.9)
+
+
+def check_record(token, rec, lg_p, lg_t, temperature: float, top_p: float, method="kl_symmetry", fixed_alpha=None):
+    """fused_sample's record at the sampled tokens against the reference maths of `core` on the fused support."""
+    lp, lt = (lg_p.float() / temperature).log_softmax(-1), (lg_t.float() / temperature).log_softmax(-1)
+    support = support_from_threshold(lg_t, fused_alpha(lg_p, lg_t, temperature, top_p)[1])
+    alpha = solve_alpha(lp, lt, support, method, fixed_alpha)
     logq = mix_logprobs(lp, lt, alpha, support)
     pick = lambda x: x.gather(-1, token[:, None])[:, 0]  # noqa: E731
     ref = {"logp_q": pick(logq), "logp_policy": pick(lp), "logp_teacher": pick(lt), "alpha": alpha,
