@@ -12,11 +12,11 @@ NaN (not computed).
 import torch
 
 from .config import SamplerConfig
-from .sampler import DualSample, _assemble, _decode, _prefill, _raise_if_non_finite
+from .sampler import TEACHER_FIELDS, DualSample, _assemble, _decode, _prefill, _raise_if_non_finite
 from .step import sample_step
 
 POLICY_ONLY = SamplerConfig(alpha_method="fixed", fixed_alpha=0.0, force_teacher_tokens=0, teacher_top_p=None)
-TEACHER_DIAGNOSTICS = ("kl_q_teacher", "ess_teacher")  # NaN when the teacher was not run
+TEACHER_DIAGNOSTICS = tuple(k for k in TEACHER_FIELDS if k != "logp_teacher")  # NaN: the teacher was not run
 
 
 def ignores_teacher(config: SamplerConfig) -> bool:
