@@ -122,22 +122,22 @@ def bench_naive(policy, teacher, prompts, cfg, steps: int) -> dict:
     return {"ms_per_step": ms}
 
 
-def bench_engine(engine: FastDualEngine, prompts, cfg, steps: int, policy_only: bool = False) -> dict:
+def bench_engine(engine: FastDualEngine, prompts, cfg, steps: int, mode: str = "dual") -> dict:
     B = len(prompts)
     bucket = bucket_for(B)
     ctx = len(prompts[0])
     engine.reserve(bucket, ctx + 2 * steps + 2, 2 * steps + 2)
     t0 = time.perf_counter()
-    step_fn = engine._step_fn(bucket, cfg, policy_only)  # captures on first use of this bucket
+    step_fn = engine._step_fn(bucket, cfg, mode)  # captures on first use of this bucket
     capture_s = time.perf_counter() - t0
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    engine._reset((prompts,) if policy_only else (prompts, prompts), bucket, seed=0)
+    engine._reset((prompts, prompts) if mode == "dual" else (prompts,), bucket, seed=0)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
     ms = timed(lambda: step_fn(0), steps)
     st = engine.state
-    lt = st.logits[0 if policy_only else 1]
+    lt = st.logits[1 if mode == "dual" else 0]
     sample = graphed(lambda: fused_sample(
         st.logits[0][:bucket], lt[:bucket], st.step, st.seed, temperature=cfg.temperature,
         top_p=cfg.teacher_top_p, alpha_method=cfg.alpha_method, fixed_alpha=cfg.fixed_alpha,
@@ -191,7 +191,7 @@ def run(args) -> None:
                     elif method == "naive_policy_only":
                         res = bench_naive(policy, None, prompts, policy_only, args.naive_steps)
                     elif method == "policy_only":
-                        res = bench_engine(engine, prompts, policy_only, args.steps, policy_only=True)
+                        res = bench_engine(engine, prompts, policy_only, args.steps, mode="policy")
                     else:
                         res = bench_engine(engine, prompts, cfg, args.steps)
                     if "ms_per_step" in res:

@@ -128,7 +128,7 @@ def check_policy_only(out, policy, prompts, temperature: float, atol: float) -> 
 
 
 def test_engine_policy_only_decode_runs_the_policy_alone(models):
-    """policy_only: the teacher's model is never prefilled or decoded (spied), and a dual decode afterwards still
+    """mode "policy": the teacher's model is never prefilled or decoded (spied), and a dual decode afterwards still
     equals a full forward pass of both models (the teacher's stale cache is refilled)."""
     from recipe.optimal_sampling.engine.policy_only import policy_only_config
 
@@ -139,7 +139,7 @@ def test_engine_policy_only_decode_runs_the_policy_alone(models):
         real = getattr(engine.models[1], name)
         setattr(engine.models[1], name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     cfg = policy_only_config(0.8, stop_token_ids=(5, 17, 33))
-    out = engine.generate(POLICY_PROMPTS * 2, None, 12, seed=3, config=cfg, policy_only=True)
+    out = engine.generate(POLICY_PROMPTS * 2, None, 12, seed=3, config=cfg, mode="policy")
     assert calls == [] and len(out.token_ids) == 6
     check_policy_only(out, policy, POLICY_PROMPTS * 2, 0.8, atol=1e-4)
     dual = engine.generate(POLICY_PROMPTS, TEACHER_PROMPTS, 6, seed=0, config=SamplerConfig.preset("exploratory"))
@@ -159,7 +159,37 @@ def test_engine_policy_only_decode_draws_the_reference_loops_samples(models):
     engine = FastDualEngine(policy, teacher, V, use_graphs=False)
     prompts, config = [*POLICY_PROMPTS, [20, 21]], policy_only_config(1.0, ())
     for seed in range(3):
-        got = engine.generate(prompts, None, 10, seed=seed, config=config, policy_only=True)
+        got = engine.generate(prompts, None, 10, seed=seed, config=config, mode="policy")
         want = generate_policy_only(policy, V, prompts, 10, seed, stop_token_ids=())
         assert got.token_ids == want.token_ids, seed
         torch.testing.assert_close(torch.tensor(got.logp_q), torch.tensor(want.logp_q), atol=1e-4, rtol=0)
+
+
+def test_engine_greedy_mode_is_the_reference_loops_argmax(models):
+    """mode "greedy" (policy-only validation at temperature 0): the argmax continuation of the reference loop, with
+    its point-mass record (log q* = 0, support 1, log pi at the argmax) and stops per row."""
+    from recipe.optimal_sampling.engine.policy_only import generate_policy_only, policy_only_config
+
+    policy, teacher = models
+    engine = FastDualEngine(policy, teacher, V, use_graphs=False)
+    stops = (5, 17, 33)
+    got = engine.generate(POLICY_PROMPTS, None, 12, seed=0, config=policy_only_config(0, stops), mode="greedy")
+    want = generate_policy_only(policy, V, POLICY_PROMPTS, 12, seed=1, stop_token_ids=stops, temperature=0.0)
+    assert got.token_ids == want.token_ids and got.finish_reasons == want.finish_reasons
+    for name in ("logp_q", "logp_policy", "alpha"):
+        torch.testing.assert_close(
+            torch.tensor(sum(getattr(got, name), [])), torch.tensor(sum(getattr(want, name), []))
+        )
+    assert got.support_size == want.support_size and {x for row in got.support_size for x in row} == {1}
+    assert all(math.isnan(x) for row in got.logp_teacher for x in row)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        engine.generate(POLICY_PROMPTS, None, 4, seed=0, config=policy_only_config(1, ()), mode="teacher")
+
+
+@pytest.mark.parametrize("temperature", [-0.5, float("nan"), True, "0"])
+def test_policy_only_sampling_refuses_a_bad_temperature(models, temperature):
+    from recipe.optimal_sampling import DualSampler
+
+    sampler = DualSampler(*models, SamplerConfig())
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        sampler.generate_policy_only(POLICY_PROMPTS, 4, seed=0, temperature=temperature)

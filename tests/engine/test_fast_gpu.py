@@ -123,7 +123,8 @@ def test_too_large_a_batch_fails_early_naming_the_memory(models):
 def test_policy_only_decode_has_its_own_graphs_and_skips_the_teacher(models):
     """DualSampler.generate_policy_only on the cuda_graph backend: the teacher's model is never prefilled or decoded
     (spied, capture included), log q* = log pi_theta of a full forward pass, alpha 0, teacher traces NaN, seeds
-    reproduce, and a dual decode on the same engine afterwards still matches both models."""
+    reproduce; at temperature 0 the argmax continuation of full forward passes; and a dual decode on the same engine
+    afterwards still matches both models."""
     policy, teacher = models
     sampler = DualSampler(*models, SamplerConfig.preset("balanced", temperature=0.8), backend="cuda_graph")
     engine = sampler._fast_engine()
@@ -133,7 +134,7 @@ def test_policy_only_decode_has_its_own_graphs_and_skips_the_teacher(models):
         setattr(engine.models[1], name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     prompts = POLICY_PROMPTS * 4  # 12 rows: bucket 16
     out = sampler.generate_policy_only(prompts, 12, seed=5)
-    assert calls == [] and {key[2] for key in engine.graphs} == {True}
+    assert calls == [] and {key[2] for key in engine.graphs} == {"policy"}
     for i, tokens in enumerate(out.token_ids):
         idx = torch.tensor(tokens)[:, None]
         lp = full_logp(policy, prompts[i], tokens, 0.8).gather(-1, idx)[:, 0]
@@ -142,6 +143,15 @@ def test_policy_only_decode_has_its_own_graphs_and_skips_the_teacher(models):
         assert set(out.alpha[i]) == {0.0} and all(math.isnan(x) for x in out.logp_teacher[i])
     again = sampler.generate_policy_only(prompts, 12, seed=5)
     assert again.token_ids == out.token_ids and again.logp_q == out.logp_q
+    greedy = sampler.generate_policy_only(prompts, 12, seed=0, temperature=0)
+    for i, tokens in enumerate(greedy.token_ids):  # the argmax continuation of full forward passes
+        ids = list(prompts[i])
+        for t in tokens:
+            with torch.no_grad():
+                assert t == int(policy(torch.tensor([ids], device="cuda")).logits[0, -1].argmax())
+            ids.append(t)
+        assert set(greedy.logp_q[i]) == {0.0} and set(greedy.support_size[i]) == {1}
+    assert calls == []
     dual = sampler.generate(POLICY_PROMPTS, TEACHER_PROMPTS, 12, seed=0)
     check_traces(dual, *models, sampler.config, atol=1e-4)
-    assert {key[2] for key in engine.graphs} == {True, False}
+    assert {key[2] for key in engine.graphs} == {"policy", "greedy", "dual"}

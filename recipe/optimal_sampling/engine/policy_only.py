@@ -5,8 +5,8 @@ q* = pi_theta when the config ignores the teacher (alpha fixed at 0, no forcing,
 `POLICY_ONLY`. `generate_policy_only` is `DualSampler.generate`'s reference loop on one model; `sample_step` gets
 the policy's logits in the teacher's slot, where alpha = 0 multiplies them by 0, so the samples equal those of a
 two-model decode under POLICY_ONLY with the same seed. The cuda_graph backend does the same inside its graphs
-(`FastDualEngine.generate(policy_only=True)`); `DualSampler.generate_policy_only` picks the path. Teacher traces are
-NaN (not computed).
+(`FastDualEngine.generate(mode="policy" | "greedy")`); `DualSampler.generate_policy_only` picks the path. Teacher
+traces are NaN (not computed).
 """
 
 import torch

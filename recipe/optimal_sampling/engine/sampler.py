@@ -135,15 +135,18 @@ class DualSampler:
         self, policy_prompt_ids: list[list[int]], max_new_tokens: int, seed: int | None = None, temperature=None
     ) -> DualSample:
         """Sample from pi_theta alone; the teacher is not run and its traces are NaN (`policy_only`).
-        temperature: None = the config's; 0 = greedy (the reference loop: the fused step only samples)."""
+        temperature: None = the config's; 0 = greedy (the argmax; log q* = 0, a point mass)."""
         from .policy_only import generate_policy_only, policy_only_config
 
         self._check_prompts(policy_prompt_ids, policy_prompt_ids, max_new_tokens)
-        temperature = self.config.temperature if temperature is None else float(temperature)
+        temperature = self.config.temperature if temperature is None else temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
         seed = torch.seed() % 2**62 if seed is None else seed
-        if self.backend == "cuda_graph" and temperature > 0:
+        if self.backend == "cuda_graph":
             config = policy_only_config(temperature, self.config.stop_token_ids)
-            return self._fast_engine().generate(policy_prompt_ids, None, max_new_tokens, seed, config, policy_only=True)
+            mode = "policy" if temperature > 0 else "greedy"
+            return self._fast_engine().generate(policy_prompt_ids, None, max_new_tokens, seed, config, mode=mode)
         return generate_policy_only(
             self.policy,
             self.vocab_size,

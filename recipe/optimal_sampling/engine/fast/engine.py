@@ -8,9 +8,10 @@ per (bucket, sampler config) that holds a whole token step:
      sampled a stop token are marked finished
   3) both models decode the token (StaticQwen3.decode), writing the next logits in place; positions and step += 1
 The host replays the graph and looks at "all finished" only every `check_every` steps; the traces come back to
-the host once, at the end. A policy-only decode (`policy_only=True`: q* = pi_theta, the teacher not run) has its own
-graphs: step 1 reads the policy's logits in both slots and step 3 decodes the policy alone. Knows nothing about
-tokenizers, verl or how prompts were built.
+the host once, at the end. The policy-only modes (the teacher not run) have their own graphs: "policy" samples from
+q* = pi_theta (step 1 reads the policy's logits in both slots, alpha fixed at 0) and "greedy" takes the argmax
+instead (log q* = 0, a point mass); step 3 decodes the policy alone. Knows nothing about tokenizers, verl or how
+prompts were built.
 """
 
 import math
@@ -26,6 +27,7 @@ from ..step import sample_step
 from .model import StaticQwen3
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MODES = ("dual", "policy", "greedy")  # both models / the policy alone, sampled / the policy alone, argmax
 SEQ_ROUND, STEP_ROUND = 64, 128  # capacities grow in these steps, so that nearby requests reuse the graphs
 _ROW = {name: i for i, name in enumerate(RECORD_FIELDS)}
 
@@ -78,8 +80,8 @@ class FastDualEngine:
         if self.use_graphs and not (self.device.type == "cuda" and self.fused):
             raise ValueError("use_graphs=True needs a CUDA device with Triton; pass use_graphs=False")
         self.state: _State | None = None
-        self.graphs: dict[tuple[int, SamplerConfig, bool], torch.cuda.CUDAGraph] = {}  # (bucket, config, policy_only)
-        self.warmup_seconds: dict[tuple[int, SamplerConfig, bool], float] = {}  # capture cost per graph key
+        self.graphs: dict[tuple[int, SamplerConfig, str], torch.cuda.CUDAGraph] = {}  # (bucket, config, mode)
+        self.warmup_seconds: dict[tuple[int, SamplerConfig, str], float] = {}  # capture cost per graph key
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stops: dict[SamplerConfig, Tensor] = {}
 
@@ -92,18 +94,21 @@ class FastDualEngine:
         max_new_tokens: int,
         seed: int,
         config: SamplerConfig,
-        policy_only: bool = False,
+        mode: str = "dual",
     ):
-        """Same contract as `DualSampler.generate` (inputs already validated there). policy_only: the contract of
-        `DualSampler.generate_policy_only` instead (config must ignore the teacher; teacher_prompt_ids unused)."""
+        """Same contract as `DualSampler.generate` (inputs already validated there). mode "policy" / "greedy": the
+        contract of `DualSampler.generate_policy_only` instead (config must ignore the teacher; teacher_prompt_ids
+        unused)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         B = len(policy_prompt_ids)
         bucket = bucket_for(B)
-        prompts = (policy_prompt_ids,) if policy_only else (policy_prompt_ids, teacher_prompt_ids)
+        prompts = (policy_prompt_ids, teacher_prompt_ids)[: 2 if mode == "dual" else 1]
         longest = max(len(p) for side in prompts for p in side)
         # 1) capacity (may reallocate, which drops the captured graphs)
         self.reserve(bucket, longest + max_new_tokens, max_new_tokens)
-        step_fn = self._step_fn(bucket, config, policy_only)
-        # 2) prefill the caches (the policy's alone when policy_only), reset the per-call state
+        step_fn = self._step_fn(bucket, config, mode)
+        # 2) prefill the caches (the policy's alone in the policy-only modes), reset the per-call state
         self._reset(prompts, bucket, seed)
         # 3) decode: replay, with a host check every `check_every` steps
         steps = 0
@@ -113,7 +118,7 @@ class FastDualEngine:
             if steps % self.check_every == 0 and bool(self.state.finished[:B].all()):
                 break
         # 4) traces back to the host, cut at stop tokens
-        return self._assemble(B, steps, config, policy_only)
+        return self._assemble(B, steps, config, mode)
 
     def reserve(self, batch: int, seq: int, steps: int) -> None:
         """Make room for `batch` rows of `seq` cache slots and `steps` trace columns; raises MemoryError early
@@ -131,11 +136,11 @@ class FastDualEngine:
         self.state = _State(self.models, batch, seq, steps, self.vocab_size)
 
     # ------------------------------------------------------------------------------------------ the step
-    def _step(self, bucket: int, config: SamplerConfig, host_step: int | None = None, policy_only=False) -> None:
+    def _step(self, bucket: int, config: SamplerConfig, host_step: int | None = None, mode: str = "dual") -> None:
         st = self.state
         logits = [lg[:bucket] for lg in st.logits]  # (bucket, V) each
-        models = self.models[:1] if policy_only else self.models
-        if policy_only:  # q* = pi_theta: the policy's logits stand in for the teacher's, which alpha = 0 ignores
+        models = self.models if mode == "dual" else self.models[:1]
+        if mode != "dual":  # q* = pi_theta: the policy's logits stand in for the teacher's, which alpha = 0 ignores
             logits = [logits[0], logits[0]]
         # 1) one token per row from q*
         if self.fused:
@@ -153,6 +158,11 @@ class FastDualEngine:
             )  # fmt: skip  (bucket,), (F, bucket)
         else:
             token, record = self._reference_step(logits, config, host_step)
+        if mode == "greedy":  # the argmax instead of the draw: a point mass (log q* = 0, support 1)
+            token = logits[0].argmax(-1)  # (bucket,)
+            record[_ROW["logp_policy"]] = logits[0].float().log_softmax(-1).gather(-1, token[:, None])[:, 0]
+            record[_ROW["logp_q"]] = 0.0
+            record[_ROW["support_size"]] = 1.0
         # 2) bookkeeping
         finished = st.finished[:bucket]
         token = torch.where(finished, torch.zeros_like(token), token)  # (bucket,)
@@ -160,7 +170,7 @@ class FastDualEngine:
         st.tokens[:bucket].index_copy_(1, st.step.view(1), token.unsqueeze(-1))
         if config.stop_token_ids:
             finished |= torch.isin(token, self._stop_ids(config))
-        # 3) both models (the policy alone when policy_only) read the token
+        # 3) both models (the policy alone in the policy-only modes) read the token
         for model, pos, out in zip(models, st.pos, logits, strict=False):  # models: 1 or 2
             model.decode(token, pos[:bucket], out)
             pos[:bucket] += 1
@@ -180,16 +190,16 @@ class FastDualEngine:
         rows += [rec.diagnostics[name] for name in DIAGNOSTIC_FIELDS] + nan
         return rec.token, torch.stack(rows).float()  # (B,), (F, B)
 
-    def _step_fn(self, bucket: int, config: SamplerConfig, policy_only: bool = False):
+    def _step_fn(self, bucket: int, config: SamplerConfig, mode: str = "dual"):
         """A callable(step) running one step: a CUDA graph replay (captured on first use) or an eager step."""
         if not self.use_graphs:
-            return lambda step: self._step(bucket, config, step, policy_only)
-        key = (bucket, config, policy_only)
+            return lambda step: self._step(bucket, config, step, mode)
+        key = (bucket, config, mode)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
         return lambda step: self.graphs[key].replay()
 
-    def _capture(self, bucket: int, config: SamplerConfig, policy_only: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, bucket: int, config: SamplerConfig, mode: str) -> torch.cuda.CUDAGraph:
         """Warm up (compiles kernels on first use) on dummy state, then capture one step."""
         t0 = time.perf_counter()
         st = self.state
@@ -202,13 +212,13 @@ class FastDualEngine:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(bucket, config, policy_only=policy_only)
+                self._step(bucket, config, mode=mode)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(bucket, config, policy_only=policy_only)
+            self._step(bucket, config, mode=mode)
         torch.cuda.synchronize()
-        self.warmup_seconds[(bucket, config, policy_only)] = time.perf_counter() - t0
+        self.warmup_seconds[(bucket, config, mode)] = time.perf_counter() - t0
         return graph
 
     # ------------------------------------------------------------------------------------------- per call
@@ -225,13 +235,13 @@ class FastDualEngine:
         st.seed.fill_(seed)
         self._generator = torch.Generator(self.device).manual_seed(seed)
 
-    def _assemble(self, B: int, steps: int, config: SamplerConfig, policy_only: bool = False) -> DualSample:
+    def _assemble(self, B: int, steps: int, config: SamplerConfig, mode: str = "dual") -> DualSample:
         st = self.state
         tokens = st.tokens[:B, :steps].tolist()  # (B, T)
         rec = st.trace[:, :B, :steps].cpu()  # (F, B, T)
-        if policy_only:  # the teacher's rows were computed against the policy: not computed (NaN), as the reference
+        models = (("policy", "nan_policy"), ("teacher", "nan_teacher"))[: 2 if mode == "dual" else 1]
+        if mode != "dual":  # the teacher's rows were computed against the policy: not computed (NaN), as the reference
             rec[[_ROW[name] for name in TEACHER_FIELDS]] = float("nan")
-        models = (("policy", "nan_policy"),) if policy_only else (("policy", "nan_policy"), ("teacher", "nan_teacher"))
         bad = [name for name, row in models if rec[_ROW[row]].any()]
         if bad:
             raise FloatingPointError(
