@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from recipe.optimal_sampling.engine import DualSampler, SamplerConfig
+from recipe.optimal_sampling.engine.policy_only import POLICY_ONLY
 from recipe.optimal_sampling.tasks import (
     greedy_accuracy,
     load_task_models,
@@ -30,7 +31,7 @@ from recipe.optimal_sampling.tasks import (
 from recipe.optimal_sampling.tasks.models import default_cache_dir, policy_config
 
 ARMS = {  # as scripts/experiments/run_arm.sh
-    "on_policy": SamplerConfig(alpha_method="fixed", fixed_alpha=0.0),
+    "on_policy": POLICY_ONLY,
     "balanced": SamplerConfig.preset("balanced"),
     "conservative": SamplerConfig.preset("conservative"),
     "exploratory": SamplerConfig.preset("exploratory"),
@@ -41,7 +42,6 @@ ARMS = {  # as scripts/experiments/run_arm.sh
     "mixed_4of8": SamplerConfig.preset("balanced"),
 }
 MIXED = {"mixed_1of8": 1, "mixed_4of8": 4}  # guided_per_prompt: the other responses come from pi_theta alone
-POLICY_ONLY = SamplerConfig(alpha_method="fixed", fixed_alpha=0.0)
 
 
 def response_logprobs(policy, prompts: list[list[int]], responses: list[list[int]]) -> Tensor:
