@@ -235,9 +235,9 @@ def test_interrupted_training_leaves_no_cache(tmp_path, monkeypatch):
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    assert default_cache_dir() == tmp_path / "task_models_v1"
+    assert default_cache_dir() == tmp_path / "task_models_v2"
     monkeypatch.delenv(CACHE_ENV)
-    assert default_cache_dir().parts[-3:] == (".cache", "optimal_sampling", "task_models_v1")
+    assert default_cache_dir().parts[-3:] == (".cache", "optimal_sampling", "task_models_v2")
 
 
 # --- full-size targets (slow: about a minute of training unless the default cache exists) ----------------

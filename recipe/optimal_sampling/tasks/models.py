@@ -51,6 +51,7 @@ from transformers import (
 
 from recipe.optimal_sampling.tasks.addition import ROLES, Problem, completion_text, make_problems, prompt
 from recipe.optimal_sampling.tasks.evaluate import role_accuracy
+from recipe.optimal_sampling.tasks.portable import PortableQwen3
 from recipe.optimal_sampling.tasks.tokenizer import build_tokenizer
 
 # Per-role sizes: the teacher has 3 layers of width 48, the policy 2 layers of width 32.
@@ -81,6 +82,11 @@ def tiny_qwen3_config(vocab_size: int, role: str, pad_token_id: int = 0, eos_tok
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         bos_token_id=None,
+        # Pinned rather than left to the transformers version's defaults (the portable trainer reads the same values).
+        hidden_act="silu",
+        attention_bias=False,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         **MODEL_SIZES[role],
     )
 
@@ -115,7 +121,7 @@ class TrainConfig:
 
 DEFAULT_TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "teacher": TrainConfig(steps=2000, seed=0, lr=5e-3, target_accuracy=0.98, eval_every=100),
-    "policy": TrainConfig(steps=3000, seed=1, lr=3e-3, target_accuracy=0.15, eval_every=25, n_eval=400),
+    "policy": TrainConfig(steps=3000, seed=1, lr=3e-3, target_accuracy=0.15, eval_every=5, n_eval=400),
 }
 
 
@@ -136,6 +142,8 @@ class TrainResult:
     val_accuracy: list[tuple[int, float]]  # (step, accuracy) at every validation check
     steps: int  # steps run (< cfg.steps when the target was reached)
     seconds: float  # wall time of training, validation checks included
+    selected_step: int  # the step whose weights `model` holds: the check closest to the target
+    selected_accuracy: float  # its validation accuracy
 
 
 @contextlib.contextmanager
@@ -182,24 +190,53 @@ def batch_seed(seed: int, step: int) -> int:
 
 
 def new_model(role: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> Qwen3ForCausalLM:
-    """A freshly initialised (seeded) tiny Qwen3 for `role`, sized for `tokenizer`."""
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(tiny_qwen3_config(len(tokenizer), role, tokenizer.pad_token_id, tokenizer.eos_token_id))
+    """A freshly initialised (seeded, portable: see `portable.py`) tiny float32 Qwen3 for `role`, sized for `tokenizer`."""
+    return new_portable_model(role, tokenizer, seed).to_hf()
+
+
+def new_portable_model(role: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> PortableQwen3:
+    """The float64 training form of `new_model`."""
+    check_role(role)
+    return PortableQwen3(tiny_qwen3_config(len(tokenizer), role, tokenizer.pad_token_id, tokenizer.eos_token_id), seed)
+
+
+@dataclass
+class _Checkpoint:
+    """The training state kept by the stop rule: the check closest to the target accuracy so far."""
+
+    step: int
+    accuracy: float
+    weights: list[Tensor]
+
+
+def closer_to_target(accuracy: float, best: "_Checkpoint | None", target: float | None) -> bool:
+    """Whether a check at `accuracy` beats `best`: closer to `target` (ties: the earlier check wins); with no
+    target every later check wins (the last one is kept)."""
+    if best is None or target is None:
+        return True
+    return abs(accuracy - target) < abs(best.accuracy - target)
 
 
 def train_model(role: str, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train a fresh tiny Qwen3 for `role` on the addition task; deterministic in `cfg` (same machine type)."""
+    """Train a fresh tiny Qwen3 for `role` on the addition task; the same weights for the same `cfg` on any machine.
+
+    Training runs in float64 on the CPU with portable arithmetic (`portable.py`); `cfg.num_threads` changes the
+    speed, not the weights. With a target, training stops at the first check at or above it and returns the checked
+    model closest to it (the check before a jump may be closer than the first check past it)."""
     check_role(role)
     start = time.perf_counter()
     with torch_threads(cfg.num_threads):
         # 1) model, optimizer, schedule, validation problems
-        model = new_model(role, tokenizer, cfg.seed).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+        model = new_portable_model(role, tokenizer, cfg.seed).train()
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay, foreach=False
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
         val_problems = make_problems(cfg.n_eval, seed=VAL_SEED_OFFSET + cfg.seed, n_digits=cfg.n_digits)
         # 2) steps on fresh train-split problems, a validation check every `eval_every` steps
         losses: list[float] = []
         val_accuracy: list[tuple[int, float]] = []
+        best: _Checkpoint | None = None
         bar = tqdm(range(1, cfg.steps + 1), desc=f"train {role}", disable=not progress, mininterval=1.0)
         for step in bar:
             problems = make_problems(cfg.batch_size, seed=batch_seed(cfg.seed, step), n_digits=cfg.n_digits)
@@ -207,32 +244,40 @@ def train_model(role: str, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
             loss = model(input_ids=input_ids, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
             optimizer.step()
             schedule.step()
+            model.snap_(optimizer)
             losses.append(loss.item())
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_accuracy.append((step, role_accuracy(model, tokenizer, role, val_problems)))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{val_accuracy[-1][1]:.2f}")
-                # 3) stop early once the target is reached
-                if cfg.target_accuracy is not None and val_accuracy[-1][1] >= cfg.target_accuracy:
+                accuracy = role_accuracy(model, tokenizer, role, val_problems)
+                val_accuracy.append((step, accuracy))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{accuracy:.3f}")
+                # 3) keep the check closest to the target; stop at the first check at or past it
+                if closer_to_target(accuracy, best, cfg.target_accuracy):
+                    best = _Checkpoint(step, accuracy, model.state_copy())
+                if cfg.target_accuracy is not None and accuracy >= cfg.target_accuracy:
                     break
         bar.close()
-    return TrainResult(model.eval(), losses, val_accuracy, len(losses), time.perf_counter() - start)
+        assert best is not None, "the last step is always checked"
+        model.load_copy(best.weights)
+    return TrainResult(
+        model.to_hf(), losses, val_accuracy, len(losses), time.perf_counter() - start, best.step, best.accuracy
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The on-disk cache of the trained pair
 
 CACHE_ENV = "OPTIMAL_SAMPLING_CACHE"
-CACHE_NAME = "task_models_v1"
-CACHE_VERSION = 1
+CACHE_NAME = "task_models_v2"
+CACHE_VERSION = 2
 N_TEST = 200  # held-out test problems evaluated after training (recorded in meta.json)
 
 
 def default_cache_dir() -> Path:
-    """`$OPTIMAL_SAMPLING_CACHE/task_models_v1` when the variable is set, else
-    `~/.cache/optimal_sampling/task_models_v1`."""
+    """`$OPTIMAL_SAMPLING_CACHE/task_models_v2` when the variable is set, else
+    `~/.cache/optimal_sampling/task_models_v2`."""
     root = os.environ.get(CACHE_ENV)
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "optimal_sampling") / CACHE_NAME
 
