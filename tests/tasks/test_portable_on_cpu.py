@@ -1,14 +1,12 @@
 """Portable task-model training: the float64 forward equals transformers' Qwen3, the weights do not depend on the
 thread count or the machine, and the stop rule keeps the check closest to the target."""
 
-import hashlib
-
 import pytest
 import torch
 
 from recipe.optimal_sampling.tasks import TrainConfig, build_tokenizer, make_problems, train_model
 from recipe.optimal_sampling.tasks import models as task_models
-from recipe.optimal_sampling.tasks.models import encode_examples, new_portable_model
+from recipe.optimal_sampling.tasks.models import encode_examples, new_portable_model, weights_sha256
 from recipe.optimal_sampling.tasks.portable import PARAM_BITS, snap_
 
 SHORT = TrainConfig(steps=24, batch_size=16, lr=5e-3, warmup_steps=4, eval_every=12, n_eval=8)
@@ -21,14 +19,6 @@ SHORT_POLICY_SHA256 = "6726a2fcb4cad43f44b89ac63ffd6d3848c9296d6d13afa4524346fe8
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(value.detach().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @pytest.mark.parametrize("role", ["policy", "teacher"])

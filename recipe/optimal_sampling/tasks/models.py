@@ -27,6 +27,7 @@ Knows nothing about the sampler, the mixture or verl.
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -190,7 +191,7 @@ def batch_seed(seed: int, step: int) -> int:
 
 
 def new_model(role: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> Qwen3ForCausalLM:
-    """A freshly initialised (seeded, portable: see `portable.py`) tiny float32 Qwen3 for `role`, sized for `tokenizer`."""
+    """A freshly initialised (seeded, portable: `portable.py`) tiny float32 Qwen3 for `role`, sized for `tokenizer`."""
     return new_portable_model(role, tokenizer, seed).to_hf()
 
 
@@ -322,10 +323,21 @@ def train_and_save(out_dir: Path, configs: dict[str, TrainConfig], progress: boo
             "final_loss": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 5),
             "val_accuracy": [list(check) for check in result.val_accuracy],
             "test_accuracy": test_accuracy,
+            "selected_step": result.selected_step,
+            "weights_sha256": weights_sha256(result.model),
         }
     meta["train_seconds_total"] = round(sum(r["train_seconds"] for r in meta["results"].values()), 2)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the float32 weights in name order: equal on two machines exactly when training was portable."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _publish(tmp: Path, final: Path) -> None:

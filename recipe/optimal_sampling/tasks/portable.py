@@ -29,7 +29,7 @@ MASK_VALUE = -1e30  # finite, so that a fully masked (left-pad) query row gives 
 
 
 def snap_(t: Tensor, bits: int) -> Tensor:
-    """Round `t` in place to `bits` mantissa bits (round half to even): x = m · 2^e, m in [0.5, 1) -> round(m · 2^bits)."""
+    """Round `t` in place to `bits` mantissa bits, half to even: x = m · 2^e, m in [0.5, 1) -> round(m · 2^bits)."""
     mantissa, exponent = torch.frexp(t)
     return t.copy_(torch.ldexp(torch.round(mantissa * 2.0**bits) / 2.0**bits, exponent))
 
@@ -64,7 +64,7 @@ class PortableQwen3(nn.Module):
 
     def __init__(self, config: Qwen3Config, seed: int):
         super().__init__()
-        assert config.hidden_act == "silu" and not config.attention_bias, f"{config.hidden_act=} {config.attention_bias=}"
+        assert config.hidden_act == "silu" and not config.attention_bias, f"unsupported: {config}"
         self.config = config
         rng = np.random.default_rng(seed)
         shapes = hf_parameter_shapes(config)
@@ -90,16 +90,18 @@ class PortableQwen3(nn.Module):
         cos, sin = self._rotary(position_ids)  # (B, 1, T, D) each
         h = self.p("model.embed_tokens.weight")[input_ids]  # (B, T, H)
         for i in range(cfg.num_hidden_layers):
-            h = h + self._attention(i, _rms_norm(h, self.p(f"model.layers.{i}.input_layernorm.weight"), cfg.rms_norm_eps),
-                                    cos, sin, allowed)
-            h = h + self._mlp(i, _rms_norm(h, self.p(f"model.layers.{i}.post_attention_layernorm.weight"), cfg.rms_norm_eps))
-        h = _rms_norm(h, self.p("model.norm.weight"), cfg.rms_norm_eps)
+            h = h + self._attention(i, self._norm(f"model.layers.{i}.input_layernorm", h), cos, sin, allowed)
+            h = h + self._mlp(i, self._norm(f"model.layers.{i}.post_attention_layernorm", h))
+        h = self._norm("model.norm", h)
         head = self.p("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
         logits = h[:, -logits_to_keep:] @ head.T  # (B, T', V)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return _Output(logits, loss)
+
+    def _norm(self, name: str, x: Tensor) -> Tensor:
+        return _rms_norm(x, self.p(f"{name}.weight"), self.config.rms_norm_eps)
 
     def _rotary(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         D = self.config.head_dim
@@ -115,8 +117,8 @@ class PortableQwen3(nn.Module):
         def heads(name: str, n: int) -> Tensor:
             return (x @ self.p(pre + f"{name}_proj.weight").T).view(B, T, n, D)  # (B, T, n, D)
 
-        q = _rms_norm(heads("q", cfg.num_attention_heads), self.p(pre + "q_norm.weight"), cfg.rms_norm_eps)
-        k = _rms_norm(heads("k", n_kv), self.p(pre + "k_norm.weight"), cfg.rms_norm_eps)
+        q = self._norm(pre + "q_norm", heads("q", cfg.num_attention_heads))  # (B, T, H, D)
+        k = self._norm(pre + "k_norm", heads("k", n_kv))  # (B, T, n_kv, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), heads("v", n_kv).transpose(1, 2)  # (B, n, T, D)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         groups = cfg.num_attention_heads // n_kv
