@@ -5,22 +5,26 @@ the on-disk cache (`load_task_models`). The teacher learns from chat-template pr
 plain prompt; both learn the same completion (reversed sum + `<eos>`, see `addition.py`), with the loss
 on the completion tokens only.
 
-Training stops early once the accuracy on `n_eval` held-aside *train-split* problems reaches
-`target_accuracy` (the test split is never looked at). Tiny models learn addition in sudden jumps after
-plateaus of seed-dependent length, so a target is what makes the outcome robust: the teacher trains until
-it is right (>= 98%), the policy only until it first reaches 15%. The policy is also small (2 layers of
-width 32): before its jump it sits on a plateau at about 10% (it gets most digits right but not the
-carries), so even when it never jumps within its step budget it stays weak, and well-formed.
+Training is portable (`portable.py`: float64 arithmetic, PCG64 initialisation, weights and optimizer moments
+snapped to a grid after every step): the same configs give bit-identical weights on any machine, whatever its CPU,
+thread count, torch or transformers version. A check on `n_eval` held-aside *train-split* problems runs every
+`eval_every` steps (the test split is never looked at); with a `target_accuracy`, training stops at the first check
+at or past the target and keeps the check closest to it. Tiny models learn addition in sudden jumps after
+plateaus, so the first check past the target can overshoot it by tens of points (13% -> 69% between two checks 25
+steps apart was seen): the policy is checked every 5 steps on 400 problems and the check before a jump is kept
+when it is closer. The teacher trains until it is right (~98%), the policy until it is weak (~15%). The policy is
+also small (2 layers of width 32): before its jump it sits on a plateau (most digits right, not the carries).
 
-Measured with the default configs (torch 2.13 CPU, transformers 5.10; test = make_problems(200, seed=0,
-split="test"), greedy decoding; steps and accuracies were identical on both machines below):
-    teacher  3 layers x 48, 86k params: stops at step 700, test accuracy 98.5%, 44 s
-    policy   2 layers x 32, 27k params: stops at step 650, test accuracy 16.5% (200/200 well-formed), 20 s
-    both: 64 s of training, 77 s for the whole command, on 2 idle cores of an Intel Xeon (`taskset -c 2,3`);
-          86 s / 96 s on a 2-core dev box shared with other jobs.
-    (greedy decoding from a fixed 50/50 geometric mixture of the two, each on its own prompt: 99.5%)
-One torch thread per model: on the shared 2-core box, 2 intra-op threads made these tiny steps slower.
-Command: `python -m recipe.optimal_sampling.tasks --retrain` (trains, saves and evaluates; prints meta.json).
+Measured with the default configs (test = make_problems(200, seed=0, split="test"), greedy decoding), identical on
+both machines below, weights included (meta.json's `weights_sha256`):
+    teacher  3 layers x 48, 86k params: 1,100 steps, keeps step 1,000 (check 97.5%), test accuracy 96.5%
+    policy   2 layers x 32, 27k params: 1,505 steps, keeps step 1,475, test accuracy 10.0%
+    - the project's 2-core CPU machine (torch 2.13 CPU, transformers 5.10), shared with other jobs: 578 s;
+    - the GPU host's CPU (Intel Xeon, torch 2.11+cu130, transformers 5.17): 257 s of training, 277 s for the
+      whole `optimal-sampling demo` (one core each).
+One torch thread per model: tiny steps lose time to intra-op threading (the thread count does not change the
+weights). Command: `python -m recipe.optimal_sampling.tasks --retrain` (trains, saves and evaluates; prints
+meta.json).
 
 Knows nothing about the sampler, the mixture or verl.
 """
