@@ -40,6 +40,11 @@ GROUP_ESTIMATORS = (
 )
 
 
+def _yaml(value) -> str:
+    """A config value as the user wrote it on the command line (null, true), not as Python prints it."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def check_importance_weights(config: Mapping) -> None:
     """Raise a one-line ValueError naming the key, the value, why and the fix for any setting under which verl
     0.9.1 would train on q* samples with missing, altered or ignored importance weights."""
@@ -74,14 +79,14 @@ def _check_bypass(bypass_mode) -> None:
 def _check_is_level(level) -> None:
     if level not in IS_LEVELS:
         raise ValueError(
-            f"algorithm.rollout_correction.rollout_is={level} is refused with the dual backend: verl computes "
+            f"algorithm.rollout_correction.rollout_is={_yaml(level)} is refused with the dual backend: verl computes "
             f"importance weights only for {' or '.join(IS_LEVELS)} (null = metrics only, so q* samples would be "
             f"trained on without weights); {FIX_IS}"
         )
 
 
 def _check_threshold(threshold) -> None:
-    key = f"algorithm.rollout_correction.rollout_is_threshold={threshold}"
+    key = f"algorithm.rollout_correction.rollout_is_threshold={_yaml(threshold)}"
     if threshold is None or isinstance(threshold, bool):
         raise ValueError(
             f"{key} is refused with the dual backend: verl computes no importance weights without a numeric "
@@ -101,7 +106,7 @@ def _check_threshold(threshold) -> None:
     if not value >= 1.0:
         raise ValueError(
             f"{key} is refused with the dual backend: w = min(pi_old/q*, C) with C < 1 caps every weight below 1 "
-            "(C <= 0 zeroes them or fails at the first step); use C >= 1, e.g. 2.0"
+            "(C <= 0 makes verl fail at the first training step); use C >= 1, e.g. 2.0"
         )
 
 
