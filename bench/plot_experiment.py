@@ -1,6 +1,6 @@
 """Learning curves, tables and per-arm statistics of the end-to-end experiment (docs/experiments.md) from the runs'
 metrics files: EXP_DIR/<arm>/seed<k>/metrics.jsonl, verl's `file` logger (one line per step, {"step", "data"};
-step 0 = the validation before training).
+step 0 = the validation before training), or the compact metrics.jsonl.gz (scripts/experiments/compact_metrics.py).
 
     python3 bench/plot_experiment.py --exp-dir outputs/experiments --out docs/experiments --target 0.21
 
@@ -20,7 +20,6 @@ Knows nothing about verl or the recipe: it reads JSON lines.
 """
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "experiments"))
 from run_status import VAL_KEY as ACC  # noqa: E402  (verl's file logger: one reader for the launcher and the plots)
-from run_status import read_rows  # noqa: E402
+from run_status import metrics_files, read_rows  # noqa: E402
 
 POLICY_TOKENS = "optimal_sampling/policy_forward_tokens"
 TEACHER_TOKENS = "optimal_sampling/teacher_forward_tokens"
@@ -98,9 +97,10 @@ def build_run(rows: list[dict], teacher_cost: float = 1.0) -> Run:
 
 
 def load_runs(exp_dir: str, teacher_cost: float = 1.0) -> dict[str, dict[int, Run]]:
-    """{arm: {seed: Run}} for every EXP_DIR/<arm>/seed<k>/metrics.jsonl, arms in the issue's order."""
+    """{arm: {seed: Run}} for every EXP_DIR/<arm>/seed<k>/metrics.jsonl (or its compact .gz), arms in the issue's
+    order."""
     runs: dict[str, dict[int, Run]] = {}
-    for path in glob.glob(os.path.join(exp_dir, "*", "seed*", "metrics.jsonl")):
+    for path in metrics_files(exp_dir):
         seed_dir = os.path.basename(os.path.dirname(path))
         arm = os.path.basename(os.path.dirname(os.path.dirname(path)))
         match = re.fullmatch(r"seed(\d+)", seed_dir)

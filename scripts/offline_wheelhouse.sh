@@ -3,7 +3,8 @@
 # run scripts/offline_install.sh there).
 #
 # 1) downloads every wheel the recipe's `verl` extra needs on top of the node's preinstalled CUDA torch, for the
-#    node's Python version and platform (not this machine's), from a pinned list (scripts/offline_requirements.txt);
+#    node's Python version and platform (not this machine's), from a pinned list (scripts/offline_requirements.txt:
+#    73 packages, less EXCLUDE's 2 and the sdist below = 70 wheels; with antlr4 71 in all, printed at the end);
 # 2) builds the one sdist-only dependency (antlr4-python3-runtime, pure Python) into a wheel;
 # 3) writes SHA256SUMS of the whole files and splits files larger than SPLIT_MB into <file>.part-NN, because
 #    some transfer channels cap the size of a file or of one transfer.
@@ -71,3 +72,4 @@ for f in "${WHEELHOUSE}"/*.whl "${WHEELHOUSE}"/*.tar.xz; do
     fi
 done
 du -sh "${WHEELHOUSE}"
+echo "$(find "${WHEELHOUSE}" -maxdepth 1 \( -name '*.whl' -o -name '*.whl.part-00' \) | wc -l) wheels in ${WHEELHOUSE}"

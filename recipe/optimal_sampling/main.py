@@ -5,16 +5,30 @@ refuses configs under which the importance weights would be wrong, and runs verl
 """
 
 import os
-
-import hydra
-import ray
-from omegaconf import DictConfig, open_dict
-from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
-from verl.trainer.ppo.utils import need_critic, need_reference_policy
-from verl.utils.config import validate_config
-from verl.utils.device import auto_set_device
+import sys
 
 from recipe.optimal_sampling.verl.config import check_teacher, check_trainer_config
+
+VERL_EXTRA = 'pip install -e ".[verl]" (verl[verl-core]==0.9.1; from a wheel: pip install "optimal-sampling[verl]")'
+
+try:  # the `verl` extra: hydra, ray, verl and the verl-core modules verl's v1 trainer imports inside Ray actors
+    import cachetools  # noqa: F401
+    import hydra
+    import ray
+    import transfer_queue  # noqa: F401
+    import uvicorn  # noqa: F401
+    from omegaconf import DictConfig, open_dict
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    from verl.utils.device import auto_set_device
+except ImportError as e:
+    if __name__ != "__main__":
+        raise
+    sys.exit(
+        f"python -m recipe.optimal_sampling.main: error: training needs the `verl` extra ({e}); install it with "
+        f"{VERL_EXTRA}"
+    )
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "config")
 

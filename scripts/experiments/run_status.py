@@ -1,5 +1,6 @@
 """Status of the experiment's runs, read from their metrics files (verl's `file` logger: one JSON line per step,
-`{"step": k, "data": {...}}`; step 0 holds the validation before training).
+`{"step": k, "data": {...}}`; step 0 holds the validation before training), plain (`metrics.jsonl`, as the runs write
+them) or compact (`metrics.jsonl.gz`, as compact_metrics.py commits them).
 
     python3 scripts/experiments/run_status.py complete RUN_DIR/metrics.jsonl --total-steps 30   # exit 0 = complete
     python3 scripts/experiments/run_status.py summary EXP_DIR --total-steps 30                  # one line per run
@@ -11,34 +12,52 @@ it before anything is installed.
 
 import argparse
 import glob
+import gzip
 import json
 import os
 import sys
 
 VAL_KEY = "optimal_sampling/val_policy_only_accuracy"
+METRICS = "metrics.jsonl"  # a run's plain metrics file; METRICS + ".gz" is its compact form
+COMPACT = METRICS + ".gz"
 
 
 def read_rows(path: str) -> list[dict]:
-    """The file's lines as {"step": int, "data": dict}; a truncated last line (a killed run) is left out."""
+    """The file's lines as {"step": int, "data": dict}, plain or gzip (by the `.gz` suffix); a truncated last line (a
+    killed run) is left out."""
     rows = []
-    with open(path) as f:
-        for line in f:
-            try:
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
+        try:
+            for line in f:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+        except (json.JSONDecodeError, EOFError):
+            pass
     return rows
 
 
+def existing_metrics(path: str) -> str | None:
+    """RUN_DIR/metrics.jsonl itself when it exists (a live or uncompacted run), else its compact form, else None."""
+    plain = path.removesuffix(".gz")
+    return next((p for p in (plain, plain + ".gz") if os.path.exists(p)), None)
+
+
+def metrics_files(exp_dir: str) -> list[str]:
+    """Every EXP_DIR/<arm>/seed<k>/ run's metrics file, sorted, one per run (the plain one where both exist)."""
+    run_dirs = {
+        os.path.dirname(p) for name in (METRICS, COMPACT) for p in glob.glob(os.path.join(exp_dir, "*", "seed*", name))
+    }
+    return sorted(existing_metrics(os.path.join(d, METRICS)) for d in run_dirs)
+
+
 def is_complete(path: str, total_steps: int) -> bool:
-    if not os.path.exists(path):
-        return False
-    return any(r["step"] >= total_steps and VAL_KEY in r["data"] for r in read_rows(path))
+    """`path` names RUN_DIR/metrics.jsonl; its compact form counts as well."""
+    found = existing_metrics(path)
+    return found is not None and any(r["step"] >= total_steps and VAL_KEY in r["data"] for r in read_rows(found))
 
 
 def summary_lines(exp_dir: str, total_steps: int) -> list[str]:
     lines = []
-    for path in sorted(glob.glob(os.path.join(exp_dir, "*", "seed*", "metrics.jsonl"))):
+    for path in metrics_files(exp_dir):
         rows = read_rows(path)
         run = os.path.relpath(os.path.dirname(path), exp_dir)
         val = [(r["step"], r["data"][VAL_KEY]) for r in rows if VAL_KEY in r["data"]]

@@ -55,6 +55,35 @@ def test_unknown_and_invalid_keys_name_the_field():
     "override, match",
     [
         ("algorithm.rollout_correction.bypass_mode=true", "bypass_mode=true is refused.*PPO-clip"),
+        ("algorithm.rollout_correction=null", "rollout_correction=null is refused"),
+        ("~algorithm.rollout_correction", "rollout_correction=null is refused"),
+        ("algorithm.rollout_correction.rollout_is=null", "rollout_is=null is refused.*token or sequence"),
+        ("algorithm.rollout_correction.rollout_is=tokens", "rollout_is=tokens is refused"),
+        ("algorithm.rollout_correction.rollout_is_threshold=null", "rollout_is_threshold=null is refused"),
+        ("algorithm.rollout_correction.rollout_is_threshold=0", "rollout_is_threshold=0 is refused.*C >= 1"),
+        ("algorithm.rollout_correction.rollout_is_threshold=-2.0", "rollout_is_threshold=-2.0 is refused"),
+        ("algorithm.rollout_correction.rollout_is_threshold=0.5", "rollout_is_threshold=0.5 is refused.*below 1"),
+        ("algorithm.rollout_correction.rollout_is_threshold=true", "rollout_is_threshold=true is refused"),
+        ("algorithm.rollout_correction.rollout_is_threshold=abc", "rollout_is_threshold=abc is not a number"),
+        ("algorithm.rollout_correction.rollout_is_threshold='0.5_5.0'", "IcePop"),
+        ("algorithm.rollout_correction.rollout_is_batch_normalize=true", "rollout_is_batch_normalize=true"),
+        ("algorithm.rollout_correction.rollout_rs=token_k1", "rollout_rs=token_k1 is refused"),
+        ("actor_rollout_ref.actor.policy_loss.loss_mode=bypass_mode", "loss_mode=bypass_mode is refused"),
+        ("actor_rollout_ref.actor.policy_loss.loss_mode=geo_mean", "loss_mode=geo_mean is refused.*geometric"),
+        ("actor_rollout_ref.rollout.n=1", "adv_estimator=grpo with actor_rollout_ref.rollout.n=1 is refused"),
+        (["algorithm.adv_estimator=rloo", "actor_rollout_ref.rollout.n=1"], "adv_estimator=rloo with"),
+        (
+            ["distillation.enabled=true", "distillation.distillation_loss.use_task_rewards=false"],
+            "use_task_rewards=false with use_policy_gradient=false",
+        ),
+        (
+            [
+                "distillation.enabled=true",
+                "distillation.distillation_loss.use_policy_gradient=true",
+                "distillation.distillation_loss.policy_loss_mode=geo_mean",
+            ],
+            "policy_loss_mode=geo_mean is refused",
+        ),
         ("actor_rollout_ref.rollout.temperature=0.7", "temperature=0.7 is refused"),
         ("actor_rollout_ref.rollout.val_kwargs.temperature=0", "val_kwargs"),
         ("actor_rollout_ref.rollout.top_p=0.9", "top_p"),
@@ -65,8 +94,31 @@ def test_unknown_and_invalid_keys_name_the_field():
     ],
 )
 def test_misuse_is_refused_at_start_up(override, match):
-    with pytest.raises(ValueError, match=match):
-        check_trainer_config(compose_config([override]))
+    overrides = override if isinstance(override, list) else [override]
+    with pytest.raises(ValueError, match=match) as refusal:
+        check_trainer_config(compose_config(overrides))
+    assert "\n" not in str(refusal.value)  # one line: the key, the value, why and the fix
+
+
+def test_the_recipe_default_config_passes():
+    config = compose_config()
+    assert check_trainer_config(config) is not None
+    assert config.actor_rollout_ref.rollout.n >= 2 and config.algorithm.rollout_correction.rollout_is == "token"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algorithm.rollout_correction.rollout_is=sequence"],
+        ["algorithm.rollout_correction.rollout_is_threshold=1.0"],
+        ["algorithm.rollout_correction.rollout_is_threshold='5.0'"],
+        ["actor_rollout_ref.actor.policy_loss.loss_mode=gspo"],
+        ["algorithm.adv_estimator=reinforce_plus_plus", "actor_rollout_ref.rollout.n=1"],
+        ["distillation.enabled=true"],  # the task loss (with its weights) stays; the distillation term is added
+    ],
+)
+def test_allowed_settings_that_keep_the_weights_pass(overrides):
+    assert check_trainer_config(compose_config(overrides)) is not None
 
 
 def test_other_backends_are_left_alone():

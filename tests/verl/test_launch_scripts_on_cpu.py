@@ -16,7 +16,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 RECORDER = '#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$ARGS_FILE"\n'  # NUL-separated: values may hold newlines
 
 
-def recorded_overrides(script: str, env: dict, tmp_path: Path) -> list[str]:
+def recorded_overrides(script: str, env: dict, tmp_path: Path, extra_args: list[str] = ()) -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "python3"
@@ -24,7 +24,9 @@ def recorded_overrides(script: str, env: dict, tmp_path: Path) -> list[str]:
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     args_file = tmp_path / "args.txt"
     full_env = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_FILE": str(args_file)}
-    subprocess.run(["bash", str(SCRIPTS / script)], env=full_env, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["bash", str(SCRIPTS / script), *extra_args], env=full_env, check=True, capture_output=True, timeout=60
+    )
     args = args_file.read_text().split("\0")[:-1]
     assert args[:2] == ["-m", "recipe.optimal_sampling.main"], args[:2]
     return args[2:]

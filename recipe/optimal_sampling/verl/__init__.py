@@ -3,6 +3,7 @@
 Pieces (DESIGN.md §5), each in its own module and imported only where verl needs it:
 - `plugin`: registration, loaded in every verl process through the `verl.plugins` entry point (lazy loaders only);
 - `config`: `OptimalSamplingConfig` (the `engine_kwargs.optimal_sampling` block) and the start-up checks;
+- `is_checks`: the start-up refusals of verl settings that would drop, alter or ignore the importance weights;
 - `server`: `DualSamplerServer`, the Ray actor holding the policy copy and the frozen teacher;
 - `replica`: `DualReplica`, one server per GPU, next to the trainer;
 - `adapter`: `DualServerAdapter`, the trainer-side end of the per-step weight sync;

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 
 from ..engine import SamplerConfig
 from . import AGENT_LOOP_NAME, ENGINE_KWARGS_KEY, ROLLOUT_NAME, TRAINER_MODE
+from .is_checks import check_importance_weights
 
 SAMPLER_KEYS = ("alpha_method", "fixed_alpha", "force_teacher_tokens", "teacher_top_p", "stop_token_ids")
 
@@ -113,21 +114,10 @@ def check_trainer_config(config: Mapping) -> OptimalSamplingConfig | None:
     if rollout["name"] != ROLLOUT_NAME:
         return None
     os_config = OptimalSamplingConfig.from_engine_kwargs(rollout.get("engine_kwargs"))
-    _check_correction((config.get("algorithm") or {}).get("rollout_correction") or {})  # 1) the IS weights
+    check_importance_weights(config)  # 1) the IS weights and the loss that consumes them
     _check_sampling(rollout, os_config)  # 2) sampling parameters the weights depend on
     _check_topology(rollout, config["trainer"])  # 3) servers, trainer mode, agent loop
     return os_config
-
-
-def _check_correction(correction: Mapping) -> None:
-    if correction.get("bypass_mode", False):
-        raise ValueError(
-            "algorithm.rollout_correction.bypass_mode=true is refused with the dual backend: in verl 0.9.1 bypass mode "
-            "copies rollout_log_probs (log q*) into old_log_probs, but the actor workers built their loss before the "
-            "driver switched policy_loss.loss_mode, so training silently becomes PPO-clip of pi_theta/q* clipped to "
-            "[1-eps, 1+eps], which zeroes the gradient wherever q* is far from pi_theta. Use bypass_mode=false "
-            "(decoupled: verl recomputes pi_old and applies w = min(pi_old/q*, C)), the recipe's default."
-        )
 
 
 def _check_sampling(rollout: Mapping, os_config: OptimalSamplingConfig) -> None:
