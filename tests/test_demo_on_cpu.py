@@ -34,3 +34,12 @@ def test_demo_shows_the_teacher_above_the_policy_and_q_star_beside_them(demo_dir
         # q* is a mixture: it helps the weak policy
         assert arms[preset]["accuracy"] > arms["policy_only"]["accuracy"]
     assert arms["q_balanced"]["forced_frac"] > 0 and arms["q_exploratory"]["forced_frac"] == 0
+
+
+def test_table_shows_undefined_alpha_statistics_as_n_a():
+    from recipe.optimal_sampling.demo import format_table
+
+    summary = {"accuracy": 0.5, "forced_frac": 1.0, "single_support_frac": 0.0, "kl_q_policy": 0.1,
+               "kl_q_teacher": 0.0, "is_weight_mean": 1.0, "tokens_per_s": 10.0}  # fmt: skip
+    row = format_table({"all_forced": summary}).splitlines()[-1]
+    assert row.startswith("| all_forced | 50.0% | n/a | n/a | n/a | n/a | 100.0% |"), row

@@ -85,7 +85,7 @@ def format_table(summaries: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for arm, s in summaries.items():
         cells = [arm, f"{s['accuracy']:.1%}"]
-        cells += [f"{s[k]:.3f}" for k in ("alpha_mean", "alpha_p10", "alpha_p50", "alpha_p90")]
+        cells += [f"{s[k]:.3f}" if k in s else "n/a" for k in ("alpha_mean", "alpha_p10", "alpha_p50", "alpha_p90")]
         cells += [
             f"{s['forced_frac']:.1%}",
             f"{s['single_support_frac']:.1%}",
