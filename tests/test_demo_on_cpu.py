@@ -62,3 +62,12 @@ def test_the_readme_demo_table_is_what_the_demo_prints(demo_dir):
         for key in ("alpha_mean", "alpha_p50"):
             assert abs(s[key] - float(readme[arm][key])) <= 0.02, (arm, key)
         assert abs(s["forced_frac"] - float(readme[arm]["forced"].rstrip("%")) / 100) <= 0.01, arm
+
+
+def test_table_shows_undefined_alpha_statistics_as_n_a():
+    from recipe.optimal_sampling.demo import format_table
+
+    summary = {"accuracy": 0.5, "forced_frac": 1.0, "single_support_frac": 0.0, "kl_q_policy": 0.1,
+               "kl_q_teacher": 0.0, "is_weight_mean": 1.0, "tokens_per_s": 10.0}  # fmt: skip
+    row = format_table({"all_forced": summary}).splitlines()[-1]
+    assert row.startswith("| all_forced | 50.0% | n/a | n/a | n/a | n/a | 100.0% |"), row

@@ -43,3 +43,30 @@ def test_importance_weight_is_policy_over_q():
     assert m["optimal_sampling/is_weight_mean"] == pytest.approx((0.5 + 2.0) / 2)
     assert m["optimal_sampling/is_weight_max"] == pytest.approx(2.0)
     assert m["optimal_sampling/ess_ratio"] == pytest.approx((2.0 * 0.5) ** 0.5)  # geometric mean of 2 and 0.5
+
+
+def _traces(alpha, forced, support_size) -> dict:
+    n = len(alpha)
+    return {
+        "alpha": alpha, "forced": forced, "support_size": support_size, "kl_q_policy": [0.2] * n,
+        "kl_q_teacher": [0.1] * n, "ess_policy": [0.5] * n, "ess_teacher": [0.5] * n, "entropy_q": [0.0] * n,
+        "logp_q": [0.0] * n, "logp_policy": [-0.1] * n,
+    }  # fmt: skip
+
+
+def test_alpha_statistics_are_absent_when_no_token_is_free():
+    # every token forced (alpha = 1) or single-support (alpha solved but irrelevant): the statistics are undefined
+    m = reduce_metrics(_traces([1.0, 1.0, 0.37, 0.08], [True, True, False, False], [3, 1, 1, 1]))
+    undefined = ("alpha_mean", "alpha_std", "alpha_p10", "alpha_p50", "alpha_p90", "kl_sym_err")
+    assert not any("optimal_sampling/" + k in m for k in undefined), m  # main: alpha_mean 0.61, p90 1.0
+    assert m["optimal_sampling/forced_frac"] == 0.5 and m["optimal_sampling/single_support_frac"] == 0.75
+    assert m["optimal_sampling/num_tokens"] == 4
+
+
+def test_alpha_statistics_cover_only_the_free_tokens():
+    alpha, forced, size = [1.0, 0.2, 0.4, 0.9, 0.3], [True, False, False, False, False], [5, 4, 1, 2, 3]
+    m = reduce_metrics(_traces(alpha, forced, size), prefix="")
+    free = torch.tensor([0.2, 0.9, 0.3], dtype=torch.float64)
+    assert m["alpha_mean"] == pytest.approx(float(free.mean()))
+    assert m["alpha_p50"] == pytest.approx(0.3) and m["alpha_p90"] == pytest.approx(float(free.quantile(0.9)))
+    assert m["kl_sym_err"] == pytest.approx(0.1)

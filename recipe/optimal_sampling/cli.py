@@ -22,8 +22,11 @@ from .io import (
     Resume,
     append_rows,
     batch_seed,
+    check_writable,
+    checkpoint_files,
     open_output,
     output_line,
+    output_lock,
     plan_resume,
     read_prompts,
     write_meta,
@@ -35,13 +38,17 @@ ALPHA_METHOD_NAMES = ("kl_symmetry", "ess_balance", "fixed", "entropy")
 # SamplerConfig fields with a flag of the same name; a flag the user did not give leaves the preset's value.
 SAMPLER_FLAGS = ("alpha_method", "fixed_alpha", "teacher_top_p", "force_teacher_tokens", "temperature")
 DTYPES = ("float32", "bfloat16", "float16")
+# A checkpoint directory needs one of these to load its tokenizer (`AutoTokenizer.from_pretrained`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
 GENERATE_EPILOG = """\
 input:  one JSON object per line: "prompt" (a non-empty string), optional "id" (any JSON value), other fields
         are copied to the output's "meta". Blank lines are errors, except at the end of the file.
 output: one JSON object per input line, in order: index (0-based line), id, prompt, token_ids, logp_q (the
         behaviour log-prob log q*), logp_policy, logp_teacher, alpha, forced, support_size, kl_q_policy,
         kl_q_teacher, ess_policy, ess_teacher, entropy_q (one value per generated token), finish_reason
-        (stop | length), text, meta. OUTPUT.meta.json records the settings; a resumed run must match them.
+        (stop | length), text, meta. OUTPUT.meta.json records the settings and a fingerprint of both
+        checkpoints' files; a resumed run must match them. OUTPUT.lock exists while a run writes OUTPUT: a
+        second run on the same OUTPUT is refused.
 
 example:
   optimal-sampling generate --policy ckpt/qwen3-4b --teacher ckpt/qwen3-14b \\
@@ -159,29 +166,35 @@ def demo_command(args: argparse.Namespace) -> int:
     kwargs = {"out_dir": args.out_dir, "retrain": args.retrain, "seed": args.seed}
     if args.num_problems is not None:
         kwargs["num_problems"] = args.num_problems
-    demo(**kwargs)
+    try:
+        demo(**kwargs)
+    except ValueError as e:  # bad settings, an unwritable --out or cache: checked before any training
+        raise CliError(_one_line(e)) from None
     return 0
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    # 1) settings, input and output checks: every user error surfaces before a model is loaded
+    # 1) settings, input, checkpoints and output: every user error surfaces before a model is loaded
     config, templates = _sampler_config(args), _templates(args)
     rows = read_prompts(args.input)
     for flag in ("policy", "teacher"):
         _check_model_dir(flag, getattr(args, flag))
     device, dtype = _device_and_dtype(args)
-    meta = _run_meta(args, config, templates, dtype)
-    resume = plan_resume(args.output, rows, args.batch_size, meta)
-    if resume.done == len(rows):
-        print(f"{args.output} already holds all {len(rows)} rows: nothing to do", file=sys.stderr)
-        return 0
-    # 2) models, tokenizers and the sampler (a vocabulary mismatch is an error here)
-    sampler, tokenizer, teacher_tokenizer = _load_sampler(args, config, device, dtype)
-    templates = {**templates, "teacher_tokenizer": teacher_tokenizer}
-    _check_prompt_rendering(rows[resume.done], tokenizer, templates)
-    # 3) the sidecar, then the rows
-    write_meta(args.output, meta)
-    return _write_rows(args, sampler, tokenizer, templates, rows, resume)
+    with output_lock(args.output):
+        check_writable(args.output)
+        meta = _run_meta(args, config, templates, dtype)
+        resume = plan_resume(args.output, rows, args.batch_size, meta)
+        if resume.done == len(rows):
+            print(f"{args.output} already holds all {len(rows)} rows: nothing to do", file=sys.stderr)
+            return 0
+        # 2) tokenizers, then every remaining prompt rendered and measured, then the models
+        tokenizer, teacher_tokenizer = _load_tokenizers(args)
+        templates = {**templates, "teacher_tokenizer": teacher_tokenizer}
+        _check_prompts(args, rows[resume.done :], tokenizer, templates)
+        sampler = _load_sampler(args, config, device, dtype, tokenizer, teacher_tokenizer)
+        # 3) the sidecar, then the rows
+        write_meta(args.output, meta)
+        return _write_rows(args, sampler, tokenizer, templates, rows, resume)
 
 
 def _write_rows(args, sampler, tokenizer, templates: dict, rows: list[InputRow], resume: Resume) -> int:
@@ -214,7 +227,7 @@ def _write_rows(args, sampler, tokenizer, templates: dict, rows: list[InputRow],
                 f"\ninterrupted: {start} rows are in {args.output}; rerun the same command to resume", file=sys.stderr
             )
             return 130
-        except FloatingPointError as e:
+        except (FloatingPointError, ValueError) as e:
             raise CliError(f"{e} (rows {start} onwards were not written)") from None
     return 0
 
@@ -254,9 +267,17 @@ def _templates(args: argparse.Namespace) -> dict:
 
 
 def _check_model_dir(flag: str, path: str) -> None:
+    """A local HF checkpoint: a directory with config.json and tokenizer files (checked before anything loads)."""
     if not os.path.isdir(path):
         what = "is not a directory" if os.path.exists(path) else "does not exist"
         raise CliError(f"--{flag} {path} {what}: give a local checkpoint directory (config.json, weights, tokenizer)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CliError(f"--{flag} {path} has no config.json: give a directory written by save_pretrained")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise CliError(
+            f"--{flag} {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer next to the "
+            f"model (tokenizer.save_pretrained('{path}'))"
+        )
 
 
 def _device_and_dtype(args: argparse.Namespace):
@@ -270,10 +291,14 @@ def _device_and_dtype(args: argparse.Namespace):
 
 
 def _run_meta(args: argparse.Namespace, config, templates: dict, dtype: str) -> dict:
-    """The settings that decide the rows: a resumed run must match them (the device may change)."""
+    """What decides the rows: a resumed run must match it (the device may change). `*_files` fingerprint the
+    checkpoints (weights, config, tokenizer, chat template; `io.checkpoint_files`), so a checkpoint replaced at
+    the same path is refused; the sampler fields, seed, templates, dtype and max_new_tokens are the settings."""
     return {
         "policy": os.path.abspath(args.policy),
         "teacher": os.path.abspath(args.teacher),
+        "policy_files": _fingerprint("policy", args.policy),
+        "teacher_files": _fingerprint("teacher", args.teacher),
         "sampler": config.to_dict(),
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,
@@ -283,11 +308,18 @@ def _run_meta(args: argparse.Namespace, config, templates: dict, dtype: str) -> 
     }
 
 
-def _load_sampler(args: argparse.Namespace, config, device, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _fingerprint(flag: str, path: str) -> dict[str, str]:
+    try:
+        return checkpoint_files(path)
+    except OSError as e:
+        raise CliError(f"--{flag} {path}: cannot read the checkpoint's files ({e}): check the permissions") from None
 
-    from .engine import DualSampler, check_shared_vocabulary
+
+def _load_tokenizers(args: argparse.Namespace):
+    """Both tokenizers (seconds, no weights), checked to share one vocabulary."""
+    from transformers import AutoTokenizer
+
+    from .engine import check_shared_vocabulary
 
     tokenizer = _from_pretrained(AutoTokenizer, "policy", args.policy)
     teacher_tokenizer = _from_pretrained(AutoTokenizer, "teacher", args.teacher)
@@ -295,15 +327,23 @@ def _load_sampler(args: argparse.Namespace, config, device, dtype: str):
         check_shared_vocabulary(tokenizer, teacher_tokenizer)
     except ValueError as e:
         raise CliError(f"--policy {args.policy} and --teacher {args.teacher} do not fit together: {e}") from None
+    return tokenizer, teacher_tokenizer
+
+
+def _load_sampler(args: argparse.Namespace, config, device, dtype: str, tokenizer, teacher_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .engine import DualSampler
+
     models = [
         _from_pretrained(AutoModelForCausalLM, flag, getattr(args, flag), dtype=getattr(torch, dtype)).to(device)
         for flag in ("policy", "teacher")
     ]
     try:
-        sampler = DualSampler(*models, config, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
+        return DualSampler(*models, config, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
     except ValueError as e:
         raise CliError(f"--policy {args.policy} and --teacher {args.teacher} do not fit together: {e}") from None
-    return sampler, tokenizer, teacher_tokenizer
 
 
 def _from_pretrained(cls, flag: str, path: str, **kwargs):
@@ -313,14 +353,34 @@ def _from_pretrained(cls, flag: str, path: str, **kwargs):
         raise CliError(f"cannot load the {flag} {cls.__name__} from {path}: {_one_line(e)}") from None
 
 
-def _check_prompt_rendering(row: InputRow, tokenizer, templates: dict) -> None:
-    """Render one prompt both ways now, so a template problem is one clear error before any row is written."""
+def _check_prompts(args: argparse.Namespace, rows: list[InputRow], tokenizer, templates: dict) -> None:
+    """Render every prompt both ways and measure it against each model's positions (config.json), so a broken
+    template or an over-long prompt is one clear error before the models load and before any row is written."""
+    from transformers import AutoConfig
+
     from .engine import build_dual_prompts
 
-    try:
-        build_dual_prompts([row.prompt], tokenizer, **templates)
-    except ValueError as e:
-        raise CliError(f"cannot build the prompts of input line {row.index + 1}: {e}") from None
+    limits = {flag: _max_positions(AutoConfig, flag, getattr(args, flag)) for flag in ("policy", "teacher")}
+    for row in rows:
+        try:
+            policy_ids, teacher_ids = build_dual_prompts([row.prompt], tokenizer, **templates)
+        except ValueError as e:
+            raise CliError(f"cannot build the prompts of input line {row.index + 1}: {_one_line(e)}") from None
+        for flag, limit in limits.items():
+            n = len(policy_ids[0] if flag == "policy" else teacher_ids[0])
+            if limit is not None and n + args.max_new_tokens > limit:
+                fix = f"lower --max-new-tokens to {limit - n}" if n < limit else "shorten the prompt"
+                raise CliError(
+                    f"{args.input} line {row.index + 1}: the {flag} prompt has {n} tokens and --max-new-tokens "
+                    f"{args.max_new_tokens} needs {n + args.max_new_tokens} positions, but --{flag} "
+                    f"{getattr(args, flag)} has max_position_embeddings={limit}: {fix}"
+                )
+
+
+def _max_positions(auto_config, flag: str, path: str) -> int | None:
+    config = _from_pretrained(auto_config, flag, path)
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
 
 
 def _positive_int(text: str) -> int:

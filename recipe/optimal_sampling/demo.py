@@ -9,6 +9,7 @@ Knows nothing about verl.
 """
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from .engine import DualSampler, SamplerConfig
 from .metrics import reduce_metrics
 from .tasks import addition
-from .tasks.models import load_task_models
+from .tasks.models import CACHE_ENV, default_cache_dir, load_task_models
 from .tasks.tokenizer import stop_token_ids
 
 ARMS: dict[str, SamplerConfig] = {
@@ -42,7 +43,10 @@ def run_demo(
     if num_problems < 1:
         raise ValueError(f"num_problems must be >= 1, got {num_problems}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out, "--out", "choose a writable --out directory")
+    cache = default_cache_dir()
+    if retrain or not (cache / "meta.json").exists():  # training will write next to the cache
+        check_writable_dir(cache.parent, "the task-model cache", f"set {CACHE_ENV} to a writable directory")
     # 1) models
     models = load_task_models(retrain=retrain)
     tok = models.tokenizer
@@ -66,18 +70,28 @@ def run_demo(
         samples[arm] = sample
     # 3) report
     (out / "summary.json").write_text(json.dumps({"seed": seed, "num_problems": num_problems, "arms": summaries},
-                                                 indent=2))  # fmt: skip
+                                                 indent=2, allow_nan=False))  # fmt: skip
     plot_alpha(samples, out / "alpha_traces.png")
     print(format_table(summaries))
     print(f"\ntraces: {out}/<arm>.jsonl   summary: {out}/summary.json   picture: {out}/alpha_traces.png")
     return summaries
 
 
+def check_writable_dir(path: Path, what: str, fix: str) -> None:
+    """Create `path` if needed and write a probe file there; a ValueError naming `what` and `fix` if that fails."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {path} is not writable ({e.strerror or e}): {fix}") from None
+
+
 def _write_traces(path: Path, problems, texts, rewards, sample) -> None:
     with path.open("w") as f:
         for i, (p, text, r) in enumerate(zip(problems, texts, rewards, strict=True)):
             row = {"question": p.question, "answer": p.answer, "text": text, "reward": r, **sample.row(i)}
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")  # the engine refuses non-finite logits
 
 
 def format_table(summaries: dict[str, dict]) -> str:
@@ -85,7 +99,7 @@ def format_table(summaries: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for arm, s in summaries.items():
         cells = [arm, f"{s['accuracy']:.1%}"]
-        cells += [f"{s[k]:.3f}" for k in ("alpha_mean", "alpha_p10", "alpha_p50", "alpha_p90")]
+        cells += [f"{s[k]:.3f}" if k in s else "n/a" for k in ("alpha_mean", "alpha_p10", "alpha_p50", "alpha_p90")]
         cells += [
             f"{s['forced_frac']:.1%}",
             f"{s['single_support_frac']:.1%}",

@@ -9,16 +9,29 @@ Input: one JSON object per line with a non-empty string `prompt` and an optional
 fields travel to the output under `meta`. Blank lines are errors (they would make `index` differ from the line
 number), except blank lines at the very end of the file.
 Output: one object per input row, in input order: `index` (0-based line index), `id`, `prompt`, the trace
-fields, `meta`. Rows are appended a whole batch at a time, each batch flushed and fsynced.
+fields, `meta`. Rows are appended a whole batch at a time, each batch flushed and fsynced. Standard JSON only: a
+NaN or infinite value is refused (`output_line`), never written as a `NaN`/`Infinity` literal.
+One writer per output: `output_lock` holds `OUTPUT.lock` (flock) for the whole run and refuses a second one.
+Resume identity: the sidecar pins the settings and a fingerprint of each checkpoint's files (`checkpoint_files`),
+so a checkpoint replaced at the same path is refused, not mixed into a resumed output.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-META_FORMAT = 1  # bump when the meaning of an output row changes
+META_FORMAT = 2  # bump when the meaning of an output row or of the sidecar changes (2: checkpoint fingerprints)
+# Files of a checkpoint directory that decide its outputs: config, weights, tokenizer, chat template, remote code.
+CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".txt", ".jinja", ".tiktoken", ".py")
+FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones by size + SAMPLED_CHUNKS chunks
+SAMPLED_CHUNKS, CHUNK_BYTES = 64, 64 << 10
 _MISSING = object()
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
@@ -93,7 +106,23 @@ def output_line(row: InputRow, trace: dict) -> bytes:
     """One output row: index, id, prompt, the trace fields (`DualSample.row`), meta; UTF-8, newline-terminated."""
     assert not {"index", "id", "prompt", "meta"} & trace.keys(), f"{sorted(trace)=}"
     record = {"index": row.index, "id": row.id, "prompt": row.prompt, **trace, "meta": row.meta}
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    try:
+        text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # NaN/inf: the engine's guard should have refused the logits; never write non-standard JSON
+        bad = sorted(k for k, v in trace.items() if not _finite_json(v))
+        raise CliError(
+            f"the trace of input line {row.index + 1} holds NaN or infinite values in {bad}: nothing of its batch "
+            "was written; rerun with --dtype float32 (or bfloat16) and check the checkpoints"
+        ) from None
+    return (text + "\n").encode("utf-8")
+
+
+def _finite_json(value) -> bool:
+    if isinstance(value, float):
+        return value == value and abs(value) != float("inf")
+    if isinstance(value, list | tuple):
+        return all(_finite_json(v) for v in value)
+    return True
 
 
 def meta_path(output: str) -> str:
@@ -195,7 +224,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def write_meta(output: str, meta: dict) -> None:
     """Write the sidecar atomically (a temporary file, then a rename)."""
     path = meta_path(output)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _make_parent(output)
     with open(f"{path}.tmp", "w", encoding="utf-8") as f:
         json.dump(_sidecar(meta), f, indent=2, sort_keys=True)
         f.write("\n")
@@ -217,6 +246,92 @@ def append_rows(f: BinaryIO, lines: list[bytes]) -> None:
     f.write(b"".join(lines))
     f.flush()
     os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def output_lock(output: str) -> Iterator[None]:
+    """Hold `OUTPUT.lock` (an exclusive flock) while the body runs; a second writer of the same output is refused
+    at once with the holder's pid, host and start time. Creating the lock also proves that the output's
+    directory is writable, before any model is loaded. The lock file is removed on exit."""
+    path = f"{output}.lock"
+    _make_parent(output)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CliError(
+                f"--output {output}: cannot create {path} ({e.strerror}): choose a writable location"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise CliError(
+                f"{output} is being written by another run ({holder}; lock {path}): wait for it to finish, "
+                "or choose another --output"
+            ) from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: take the new one
+    holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    os.ftruncate(fd, 0)
+    os.write(fd, holder.encode())
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+
+
+def _make_parent(output: str) -> None:
+    parent = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"--output {output}: cannot create its directory {parent} ({e.strerror}): choose a writable "
+                       "location") from None  # fmt: skip
+
+
+def check_writable(output: str) -> None:
+    """Raise a CliError unless `output` and its sidecar can be written (call under `output_lock`, which has
+    already created the directory and a file in it)."""
+    for path in (output, meta_path(output)):
+        if os.path.isdir(path):
+            raise CliError(f"--output {output}: {path} is a directory: give a file path, or remove it")
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise CliError(f"--output {output}: {path} is not writable: fix its permissions or choose another --output")
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """{file name: digest} of the files in checkpoint directory `path` that decide its outputs (CHECKPOINT_SUFFIXES,
+    top level): a fingerprint for the resume identity. Files up to FULL_HASH_BYTES are hashed whole; larger
+    ones (weights) by size and SAMPLED_CHUNKS evenly spaced chunks, so a retrained or replaced checkpoint is
+    detected in about a second even for tens of GB, while a copy of the same files resumes."""
+    names = sorted(n for n in os.listdir(path) if n.endswith(CHECKPOINT_SUFFIXES) and not n.startswith("."))
+    return {name: _file_digest(os.path.join(path, name)) for name in names if os.path.isfile(os.path.join(path, name))}
+
+
+def _file_digest(path: str) -> str:
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(str(size).encode(), digest_size=10)
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return h.hexdigest()
+        for k in range(SAMPLED_CHUNKS):
+            f.seek((size - CHUNK_BYTES) * k // (SAMPLED_CHUNKS - 1))
+            h.update(f.read(CHUNK_BYTES))
+    return h.hexdigest()
 
 
 def _sidecar(meta: dict) -> dict:

@@ -92,3 +92,20 @@ def test_fused_sampling_covers_every_column_uniformly():
     assert token.unique().numel() > 110 and (token[:32] != again).float().mean() > 0.9
     assert torch.bincount(token % 4, minlength=4).min() >= 16  # 32 expected
     assert torch.bincount(token // 1024, minlength=2).min() >= 44  # 64 expected
+
+
+@needs_interpreter
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_rows_with_non_finite_logits_get_nan_alpha_and_are_counted(top_p):
+    """As core.solve_alpha on rows that are not distributions: NaN, never a plausible alpha (before: 0.0, 1.0,
+    0.515); the record counts every non-finite logit for the engine's guard."""
+    g = torch.Generator().manual_seed(0)
+    lg_p, lg_t = torch.randn(5, 1024, generator=g), torch.randn(5, 1024, generator=g)
+    lg_p[1, 3], lg_t[2, 5], lg_p[3], lg_t[4, 7] = float("nan"), float("inf"), float("-inf"), float("-inf")
+    alpha, _ = fused_alpha(lg_p, lg_t, 1.0, top_p)
+    assert alpha[1:].isnan().all() and not alpha[0].isnan(), alpha
+    _, rec = fused_sample(lg_p, lg_t, torch.tensor(0), torch.tensor(1), top_p=top_p, alpha_method="fixed",
+                          fixed_alpha=0.5)  # fmt: skip
+    counts = rec[RECORD_FIELDS.index("nan_policy")] + rec[RECORD_FIELDS.index("nan_teacher")]
+    assert counts.tolist() == [0.0, 1.0, 1.0, 1024.0, 1.0]
+    assert rec[RECORD_FIELDS.index("alpha"), 1:].isnan().all()

@@ -8,12 +8,16 @@ with `fullgraph=True` and captured in a CUDA graph.
 kl_symmetry (default): the root alpha* of Delta(alpha) = KL(q||pi_theta) - KL(q||pi_t) = E_q[ell],
 ell = logp_teacher - logp_policy. Delta is increasing (Delta' = Var_q[ell] >= 0), Delta(0) <= 0 <= Delta(1),
 so a safeguarded Newton iteration (Newton inside a shrinking bisection bracket) finds it.
+
+Bad input (the contract of `core.mixture`): wrong types, dtypes, shapes, devices or scalars raise a ValueError; a
+row whose inputs are not distributions (a NaN or +inf anywhere, no finite entry, or an empty support) gets
+alpha = NaN, for every method, never a plausible 0.5.
 """
 
 import torch
 from torch import Tensor
 
-from .mixture import LOGP_FLOOR, restrict
+from .mixture import LOGP_FLOOR, check_logps, invalid_rows, restrict
 
 ALPHA_METHODS = ("kl_symmetry", "ess_balance", "fixed", "entropy")
 # Two rows whose log-probs differ by at most this everywhere on the support are "the same": alpha = 0.5.
@@ -38,13 +42,31 @@ def solve_alpha(
     """The teacher weight alpha per row, in [0, 1].
     logp_*: (B, V) float32 log-probs over the full vocabulary; support: (B, V) bool or None (= everything).
     With a support, both distributions are restricted to it and renormalised before solving.
-    Rows whose two distributions are (numerically) equal get alpha = 0.5 (except for `fixed`).
-    Returns (B,) float32."""
+    Rows whose two distributions are (numerically) equal get alpha = 0.5 (except for `fixed`); rows that are not
+    distributions get NaN (module docstring). Returns (B,) float32."""
+    _check_args(logp_policy, logp_teacher, support, method, fixed_alpha, num_iters)
+    bad = invalid_rows(logp_policy) | invalid_rows(logp_teacher)  # (B,)
+    if support is not None:
+        bad = bad | ~support.any(dim=-1)  # (B,) an empty support leaves nothing to sample
+    nan = torch.full(bad.shape, float("nan"), dtype=torch.float32, device=bad.device)  # (B,)
+    return torch.where(bad, nan, _solve(logp_policy, logp_teacher, support, method, fixed_alpha, num_iters))
+
+
+def _check_args(logp_policy, logp_teacher, support, method, fixed_alpha, num_iters) -> None:
+    check_logps("solve_alpha", support, logp_policy=logp_policy, logp_teacher=logp_teacher)
     if method not in ALPHA_METHODS:
-        raise ValueError(f"alpha method must be one of {ALPHA_METHODS}, got {method!r}")
+        raise ValueError(f"solve_alpha: alpha method must be one of {ALPHA_METHODS}, got {method!r}")
+    if method == "fixed" and (
+        isinstance(fixed_alpha, bool) or not isinstance(fixed_alpha, int | float) or not 0.0 <= fixed_alpha <= 1.0
+    ):
+        raise ValueError(f"fixed_alpha must be a number in [0, 1] when method='fixed', got {fixed_alpha!r}")
+    if num_iters is not None and (isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1):
+        raise ValueError(f"solve_alpha: num_iters must be an int >= 1 or None (the default), got {num_iters!r}")
+
+
+def _solve(logp_policy, logp_teacher, support, method, fixed_alpha, num_iters) -> Tensor:
+    """solve_alpha on checked arguments, before bad rows are marked. Returns (B,) float32."""
     if method == "fixed":
-        if fixed_alpha is None or not 0.0 <= float(fixed_alpha) <= 1.0:
-            raise ValueError(f"fixed_alpha must be a number in [0, 1] when method='fixed', got {fixed_alpha!r}")
         return torch.full(logp_policy.shape[:-1], float(fixed_alpha), dtype=torch.float32, device=logp_policy.device)
     lp = restrict(logp_policy.float(), support).clamp_min(LOGP_FLOOR)  # (B, V)
     lt = restrict(logp_teacher.float(), support).clamp_min(LOGP_FLOOR)  # (B, V)

@@ -4,9 +4,10 @@ Owns: `token_diagnostics`. Knows nothing about metrics loggers: it returns per-r
 scalars happens outside `core/` (see `recipe.optimal_sampling.metrics`).
 """
 
+import torch
 from torch import Tensor
 
-from .mixture import LOGP_FLOOR
+from .mixture import LOGP_FLOOR, check_logps, invalid_rows
 
 
 def token_diagnostics(logp_policy: Tensor, logp_teacher: Tensor, logq: Tensor) -> dict[str, Tensor]:
@@ -17,8 +18,16 @@ def token_diagnostics(logp_policy: Tensor, logp_teacher: Tensor, logq: Tensor) -
       kl_q_teacher = KL(q || pi_t)
       ess_policy   = (sum_S pi_theta)^2 / sum_S pi_theta^2 / q   (Kish ESS fraction of samples from q
       ess_teacher  = the same for pi_t                             re-weighted to pi, S = support of q; in [0, 1])
-      entropy_q    = -sum_y q log q"""
-    assert logp_policy.shape == logp_teacher.shape == logq.shape, f"{logp_policy.shape=} {logq.shape=}"
+      entropy_q    = -sum_y q log q
+    Rows where any of the three is not a distribution (a NaN or +inf, or no finite entry) are NaN in every entry."""
+    check_logps("token_diagnostics", logp_policy=logp_policy, logp_teacher=logp_teacher, logq=logq)
+    bad = invalid_rows(logp_policy) | invalid_rows(logp_teacher) | invalid_rows(logq)  # (B,)
+    nan = torch.full(bad.shape, float("nan"), dtype=torch.float32, device=bad.device)  # (B,)
+    return {name: torch.where(bad, nan, value) for name, value in _diagnostics(logp_policy, logp_teacher, logq).items()}
+
+
+def _diagnostics(logp_policy: Tensor, logp_teacher: Tensor, logq: Tensor) -> dict[str, Tensor]:
+    """token_diagnostics on checked arguments, before bad rows are marked."""
     on = logq > float("-inf")  # (B, V) support of q
     logq_f = logq.float().clamp_min(LOGP_FLOOR)  # (B, V)
     q = logq.float().exp()  # (B, V), exactly 0 off the support

@@ -24,6 +24,9 @@ Per row (B rows, V columns; each pass reads the row's raw logits once):
      log-probs, not fused)
   4) sample: mixing on the support, exponential race with an in-kernel Philox stream keyed by (seed, step),
      and the sums behind `token_diagnostics`                                            1 pass, both
+Bad rows: pass 1 counts each row's non-finite logits (NaN, +-inf; the record's nan_policy / nan_teacher, which the
+engine's guard turns into an error); such rows get alpha = NaN, as `core.solve_alpha` gives on rows that are not
+distributions (stricter on raw logits: a single -inf logit also counts), never a plausible alpha.
 """
 
 import math
@@ -164,7 +167,15 @@ def fused_alpha(
         if top_p is None or top_p >= 1.0
         else fused_top_p_threshold(logits_teacher, top_p, temperature, stats, plan)
     )
-    return fused_solve_alpha(logits_policy, logits_teacher, thr, temperature, stats, plan), thr
+    return _nan_where_non_finite(
+        fused_solve_alpha(logits_policy, logits_teacher, thr, temperature, stats, plan), stats
+    ), thr
+
+
+def _nan_where_non_finite(alpha: Tensor, stats: Tensor) -> Tensor:
+    """alpha (B,) with NaN on rows whose logits hold a NaN or +-inf (stats: (B, ns, 6), counts in 4 and 5)."""
+    bad = stats[..., 4:6].sum(dim=(-2, -1)) > 0  # (B,)
+    return torch.where(bad, torch.full_like(alpha, float("nan")), alpha)
 
 
 def fused_sample(
@@ -201,6 +212,7 @@ def fused_sample(
         lt = (logits_teacher.float() / temperature).log_softmax(-1)  # (B, V)
         support = support_from_threshold(logits_teacher, thr) if has_support else None
         alpha = solve_alpha(lp, lt, support, alpha_method, fixed_alpha)
+    alpha = _nan_where_non_finite(alpha, stats)  # (B,)
     # 4) sample and record
     part = torch.empty(plan.B, plan.ns, 16, dtype=torch.float32, device=dev)  # (B, ns, 16)
     record = torch.empty(len(RECORD_FIELDS), plan.B, dtype=torch.float32, device=dev)  # (13, B)

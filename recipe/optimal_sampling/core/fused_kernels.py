@@ -126,7 +126,8 @@ def _logp(raw, inv_temp, lse):
 
 @triton.jit
 def _stats_kernel(pol_ptr, tea_ptr, out_ptr, V, s_pol, s_tea, chunk, inv_temp, BLOCK: tl.constexpr):
-    # out: (B, ns, 6) = max/sumexp of policy, max/sumexp of teacher, NaN counts of policy and teacher
+    # out: (B, ns, 6) = max/sumexp of policy, max/sumexp of teacher, non-finite (NaN, +-inf) logit counts of policy
+    # and teacher (recorded as nan_policy / nan_teacher: the engine's once-per-step guard reads them)
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     ns = tl.num_programs(1)
@@ -148,8 +149,8 @@ def _stats_kernel(pol_ptr, tea_ptr, out_ptr, V, s_pol, s_tea, chunk, inv_temp, B
         cols += BLOCK
         nxt_p = _load(pol_ptr, row, s_pol, cols, end)
         nxt_t = _load(tea_ptr, row, s_tea, cols, end)
-        nan_p += (zp != zp).to(tl.float32)
-        nan_t += (zt != zt).to(tl.float32)
+        nan_p += ((zp != zp) | (tl.abs(zp) == float("inf"))).to(tl.float32)  # 0 past `end` (see _load)
+        nan_t += ((zt != zt) | (tl.abs(zt) == float("inf"))).to(tl.float32)
         m_p, s_p = _online(m_p, s_p, tl.where(msk, zp, NEG_INF))
         m_t, s_t = _online(m_t, s_t, tl.where(msk, zt, NEG_INF))
     mp, sp, _ = _lane_lse(m_p, s_p)

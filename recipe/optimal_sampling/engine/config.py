@@ -59,6 +59,8 @@ class SamplerConfig:
             raise ValueError(f"teacher_top_p must be in (0, 1] or None (no constraint), got {self.teacher_top_p!r}")
         if not _is_number(self.temperature) or not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if isinstance(self.stop_token_ids, str | bytes) or not hasattr(self.stop_token_ids or (), "__iter__"):
+            raise ValueError(f"stop_token_ids must be a list of non-negative ints, got {self.stop_token_ids!r}")
         stop = tuple(self.stop_token_ids or ())
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stop):
             raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")

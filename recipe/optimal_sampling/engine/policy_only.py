@@ -11,8 +11,9 @@ traces are NaN (not computed).
 
 import torch
 
+from .checks import non_finite_rows, raise_non_finite
 from .config import SamplerConfig
-from .sampler import TEACHER_FIELDS, DualSample, _assemble, _decode, _prefill, _raise_if_non_finite
+from .sampler import TEACHER_FIELDS, DualSample, _assemble, _decode, _prefill
 from .step import sample_step
 
 POLICY_ONLY = SamplerConfig(alpha_method="fixed", fixed_alpha=0.0, force_teacher_tokens=0, teacher_top_p=None)
@@ -52,23 +53,23 @@ def generate_policy_only(
     # 1) prefill the policy's cache
     state = _prefill(policy, prompt_ids, device)
     finished = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)  # (B,)
-    non_finite = torch.zeros(2, dtype=torch.bool, device=device)  # (policy, teacher): the teacher never runs
     records = []
     for step in range(max_new_tokens):
         # 2) one token from pi_theta (or its argmax)
         logits = state.logits[:, :vocab_size]  # (B, V)
-        non_finite[0] |= logits.isnan().any()
+        bad = non_finite_rows(logits)  # (B,)
         record = _without_teacher(sample_step(logits, logits, step, config, generator))
         if temperature == 0:
             record = _greedy(record, logits)
         record.token = torch.where(finished, torch.zeros_like(record.token), record.token)  # (B,)
         records.append(record)
         finished = finished | torch.isin(record.token, stop_ids)  # (B,)
-        if step + 1 == max_new_tokens or bool(finished.all()):
+        done, bad_any = torch.stack([finished.all(), bad.any()]).tolist()  # one host read per step
+        raise_non_finite([bad_any, False], [bad, bad], step)
+        if step + 1 == max_new_tokens or done:
             break
         # 3) the policy reads the token; finished rows are fed a pad token that their mask hides
         _decode(policy, state, record.token, ~finished)
-    _raise_if_non_finite(non_finite)
     # 4) cut at stop tokens and convert to lists
     return _assemble(records, config.stop_token_ids)
 

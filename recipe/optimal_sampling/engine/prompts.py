@@ -36,11 +36,29 @@ def build_dual_prompts(
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": p}
         ]
+        teacher_ids.append(
+            teacher_tokenizer.encode(_render(teacher_tokenizer, messages, template), add_special_tokens=False)
+        )
+    return policy_ids, teacher_ids
+
+
+def _render(teacher_tokenizer, messages: list[dict], template: str) -> str:
+    """The teacher's chat prompt; a template that does not parse or render is a one-line ValueError."""
+    import jinja2
+
+    try:
         text = teacher_tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
-        teacher_ids.append(teacher_tokenizer.encode(text, add_special_tokens=False))
-    return policy_ids, teacher_ids
+    except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError, ValueError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise ValueError(
+            f"the teacher chat template does not render ({type(e).__name__}: {detail}): fix the template (the "
+            "teacher tokenizer's chat_template, or teacher_chat_template / --teacher-chat-template)"
+        ) from None
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"the teacher chat template rendered {text!r:.60}: it must produce the prompt text")
+    return text
 
 
 def stop_ids_for(config: SamplerConfig, tokenizer, teacher_tokenizer=None) -> tuple[int, ...]:

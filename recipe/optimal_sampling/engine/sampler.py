@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .checks import check_max_new_tokens, check_models, check_prompts, check_seed, non_finite_rows, raise_non_finite
 from .config import SamplerConfig
 from .fast import resolve_backend
+from .prompts import stop_ids_for
 from .step import StepRecord, sample_step
 
 TRACE_FIELDS = ("logp_q", "logp_policy", "logp_teacher", "alpha")
@@ -74,10 +76,14 @@ class DualSampler:
         backend: str = "auto",
     ):
         """backend: "reference" (this module: HF forwards, dynamic caches; any device), "cuda_graph" (`engine.fast`:
-        static caches, fused kernels, CUDA graphs; Qwen3 on CUDA) or "auto" (cuda_graph where it can run)."""
+        static caches, fused kernels, CUDA graphs; Qwen3 on CUDA) or "auto" (cuda_graph where it can run).
+        With a tokenizer, its EOS id(s) and the teacher tokenizer's join `config.stop_token_ids` (`stop_ids_for`)."""
+        check_models(policy_model, teacher_model, config)
         self.policy, self.teacher = policy_model.eval(), teacher_model.eval()
         self.config = config if config is not None else SamplerConfig()
         self.vocab_size = resolve_vocab_size(policy_model, teacher_model, tokenizer, teacher_tokenizer, vocab_size)
+        if tokenizer is not None:  # a row ends at the tokenizer's EOS, as generate_text always did
+            self.config = self.config.replace(stop_token_ids=stop_ids_for(self.config, tokenizer, teacher_tokenizer))
         self.device = next(policy_model.parameters()).device
         teacher_device = next(teacher_model.parameters()).device
         if teacher_device != self.device:
@@ -95,7 +101,7 @@ class DualSampler:
     ) -> DualSample:
         """Batched lockstep decode. Row i continues policy_prompt_ids[i] for the policy and teacher_prompt_ids[i]
         for the teacher with the same sampled tokens. Same seed and inputs -> same output."""
-        self._check_prompts(policy_prompt_ids, teacher_prompt_ids, max_new_tokens)
+        self._check_prompts(policy_prompt_ids, teacher_prompt_ids, max_new_tokens, seed)
         if self.backend == "cuda_graph":
             return self._fast_engine().generate(
                 policy_prompt_ids,
@@ -111,22 +117,23 @@ class DualSampler:
         teacher_state = _prefill(self.teacher, teacher_prompt_ids, self.device)
         B = len(policy_prompt_ids)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)  # (B,)
-        non_finite = torch.zeros(2, dtype=torch.bool, device=self.device)  # (policy, teacher) produced NaN/inf
         records: list[StepRecord] = []
         for step in range(max_new_tokens):
             # 2) one token from q*
             logits_p, logits_t = policy_state.logits[:, : self.vocab_size], teacher_state.logits[:, : self.vocab_size]
-            non_finite |= torch.stack([logits_p.isnan().any(), logits_t.isnan().any()])
+            bad = [non_finite_rows(logits_p), non_finite_rows(logits_t)]  # (B,), (B,)
             record = sample_step(logits_p, logits_t, step, self.config, generator)
             record.token = torch.where(finished, torch.zeros_like(record.token), record.token)  # (B,)
             records.append(record)
             finished = finished | torch.isin(record.token, stop_ids)  # (B,)
-            if step + 1 == max_new_tokens or bool(finished.all()):  # the reference path may sync once per step
+            # the reference path syncs once per step: the stop test and the non-finite guard in one read
+            done, *flags = torch.stack([finished.all(), bad[0].any(), bad[1].any()]).tolist()
+            raise_non_finite(flags, bad, step)
+            if step + 1 == max_new_tokens or done:
                 break
             # 3) both models read the token; finished rows are fed a pad token that their mask hides
             _decode(self.policy, policy_state, record.token, ~finished)
             _decode(self.teacher, teacher_state, record.token, ~finished)
-        _raise_if_non_finite(non_finite)
         # 4) cut at stop tokens and convert to lists
         return _assemble(records, self.config.stop_token_ids)
 
@@ -138,7 +145,9 @@ class DualSampler:
         temperature: None = the config's; 0 = greedy (the argmax; log q* = 0, a point mass)."""
         from .policy_only import generate_policy_only, policy_only_config
 
-        self._check_prompts(policy_prompt_ids, policy_prompt_ids, max_new_tokens)
+        self._check_prompts(policy_prompt_ids, None, max_new_tokens, seed)
+        if not policy_prompt_ids:
+            raise ValueError("no prompts given: policy_prompt_ids is empty")
         temperature = self.config.temperature if temperature is None else temperature
         if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
@@ -169,8 +178,14 @@ class DualSampler:
         template.
         Stops on `config.stop_token_ids` plus the tokenizers' EOS ids. `templates`: policy_template,
         teacher_chat_template, system_prompt, teacher_tokenizer (see `prompts.build_dual_prompts`)."""
-        from .prompts import build_dual_prompts, stop_ids_for
+        from .prompts import build_dual_prompts
 
+        if not isinstance(prompts, list | tuple) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+        if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+            raise ValueError(
+                f"tokenizer must be a Hugging Face tokenizer (with .encode), got {type(tokenizer).__name__}"
+            )
         teacher_tokenizer = templates.get("teacher_tokenizer") or tokenizer
         policy_ids, teacher_ids = build_dual_prompts(prompts, tokenizer, **templates)
         config = self.config.replace(stop_token_ids=stop_ids_for(self.config, tokenizer, teacher_tokenizer))
@@ -179,7 +194,14 @@ class DualSampler:
         out.texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
         return out
 
-    def _check_prompts(self, policy_prompt_ids, teacher_prompt_ids, max_new_tokens):
+    def _check_prompts(self, policy_prompt_ids, teacher_prompt_ids, max_new_tokens, seed=None):
+        """One-line ValueErrors for bad prompts, lengths, seeds; teacher_prompt_ids None = policy-only."""
+        check_max_new_tokens(max_new_tokens)
+        check_seed(seed)
+        check_prompts(policy_prompt_ids, "policy_prompt_ids", self.vocab_size, self.policy, max_new_tokens)
+        if teacher_prompt_ids is None:
+            return
+        check_prompts(teacher_prompt_ids, "teacher_prompt_ids", self.vocab_size, self.teacher, max_new_tokens)
         if len(policy_prompt_ids) != len(teacher_prompt_ids):
             raise ValueError(
                 f"policy_prompt_ids has {len(policy_prompt_ids)} prompts but teacher_prompt_ids has "
@@ -187,15 +209,6 @@ class DualSampler:
             )
         if not policy_prompt_ids:
             raise ValueError("no prompts given: policy_prompt_ids and teacher_prompt_ids are empty")
-        for name, prompts in (("policy_prompt_ids", policy_prompt_ids), ("teacher_prompt_ids", teacher_prompt_ids)):
-            for i, ids in enumerate(prompts):
-                if len(ids) == 0:
-                    raise ValueError(f"{name}[{i}] is empty: every prompt needs at least one token")
-                bad = [t for t in ids if not 0 <= int(t) < self.vocab_size]
-                if bad:
-                    raise ValueError(f"{name}[{i}] has ids outside the shared vocabulary [0, {self.vocab_size}): {bad}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 
 
 def _with_config(sampler: DualSampler, config: SamplerConfig) -> DualSampler:
@@ -278,15 +291,6 @@ def _decode(model: nn.Module, state: _ModelState, token: Tensor, active: Tensor)
     )
     state.cache, state.logits = out.past_key_values, out.logits[:, -1].float()
     state.next_position = state.next_position + 1
-
-
-def _raise_if_non_finite(non_finite: Tensor) -> None:
-    bad = [name for name, flag in zip(("policy", "teacher"), non_finite.tolist(), strict=True) if flag]
-    if bad:
-        raise FloatingPointError(
-            f"the {' and '.join(bad)} model produced NaN logits: check the checkpoint's dtype (fp16 overflow?) and "
-            "weights; the sample was discarded"
-        )
 
 
 def _assemble(records: list[StepRecord], stop_token_ids: tuple[int, ...]) -> DualSample:
