@@ -240,7 +240,7 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir().parts[-3:] == (".cache", "optimal_sampling", "task_models_v2")
 
 
-# --- full-size targets (slow: about a minute of training unless the default cache exists) ----------------
+# --- full-size targets (slow: ~5 CPU-minutes of training unless the default cache exists) ----------------
 
 
 @pytest.mark.slow

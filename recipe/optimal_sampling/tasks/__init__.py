@@ -2,7 +2,7 @@
 character-level tokenizer with a chat template, and a tiny Qwen3 teacher/policy pair trained on it (cached).
 
     from recipe.optimal_sampling.tasks import load_task_models, make_problems, policy_prompt, teacher_prompt
-    task = load_task_models()                        # trains once (~1 min on 2 CPU cores), then reads the cache
+    task = load_task_models()                        # trains once (~5 CPU-minutes), then reads the cache
     problems = make_problems(200, seed=0, split="test")
     policy_ids = task.tokenizer(policy_prompt(problems[0].question))["input_ids"]
     teacher_ids = task.tokenizer(teacher_prompt(problems[0].question, task.tokenizer))["input_ids"]
