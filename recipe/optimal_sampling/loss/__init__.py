@@ -8,6 +8,7 @@ advantage estimator (`verl/guided.py`) and the CPU pilot (`scripts/experiments/p
 
 from .advantages import BASELINES, MODES, group_stats, guided_advantages, teacher_critic, token_advantages
 from .config import CRITIC_ROWS, GuidedLossConfig
+from .estimator import guided_token_advantages
 from .schedules import SCHEDULES, critic_coef, faded_guided_per_prompt, guidance_scale
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "group_stats",
     "guidance_scale",
     "guided_advantages",
+    "guided_token_advantages",
     "teacher_critic",
     "token_advantages",
 ]

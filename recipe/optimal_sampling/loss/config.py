@@ -39,9 +39,7 @@ class GuidedLossConfig:
     critic_end_step: int | None = field(
         default=None, metadata={"help": "linear/cosine: the step at which beta reaches 0 (required for them)"}
     )
-    critic_rows: str = field(
-        default="all", metadata={"help": f"{CRITIC_ROWS}: the responses that get the critic term"}
-    )
+    critic_rows: str = field(default="all", metadata={"help": f"{CRITIC_ROWS}: the responses that get the critic term"})
     critic_clip: float | None = field(
         default=None, metadata={"help": "clip |log pi_t - log pi_theta| to this per token; None = no clip"}
     )
