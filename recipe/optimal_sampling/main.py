@@ -15,6 +15,7 @@ from verl.utils.config import validate_config
 from verl.utils.device import auto_set_device
 
 from recipe.optimal_sampling.verl.config import check_teacher, check_trainer_config
+from recipe.optimal_sampling.verl.guided import check_guided_loss
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "config")
 
@@ -37,6 +38,7 @@ def prepare_config(config: DictConfig) -> None:
         with open_dict(config):
             rollout.agent.agent_loop_config_path = os.path.join(CONFIG_DIR, "agent_loops.yaml")
     os_config = check_trainer_config(config)
+    check_guided_loss(config)  # the guided_loss block against the rest (algorithm.adv_estimator, rollout, steps)
     if os_config is not None:
         model = config.actor_rollout_ref.model
         check_teacher(os_config, model.get("tokenizer_path") or model.path)
