@@ -28,8 +28,10 @@ def test_defaults_are_plain_grpo_with_every_switch_off():
         ({"fade_reward_threshold": 1.5}, "fade_reward_threshold"),  # a 0/1 reward never gets there
         ({"fade_reward_threshold": 0.0}, "fade_reward_threshold"),
         ({"fade_end_step": 2.5}, "fade_end_step"),
-        ({"fade_critic": True}, "fade_critic"),  # no fade set
+        ({"critic_coef": 0.1, "fade_critic": True}, "fade_critic"),  # no fade set
+        ({"fade_critic": True, "fade_end_step": 3}, "fade_critic"),  # no critic to fade
         ({"fade_critic": "yes", "fade_end_step": 3}, "fade_critic"),
+        ({"critic_coef": 0.1, "critic_end_step": 5}, "critic_end_step"),  # a constant beta never reads it
         ({"critic_coeff": 0.1}, "critic_coeff"),  # unknown key
     ],
 )

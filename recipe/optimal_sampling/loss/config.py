@@ -80,8 +80,15 @@ class GuidedLossConfig:
                 f"{KEY}.critic_schedule={self.critic_schedule} decays to 0 by critic_end_step, which is null; set "
                 "critic_end_step to a step of the run or critic_schedule=constant"
             )
+        if self.critic_schedule == "constant" and self.critic_end_step is not None:
+            raise ValueError(
+                f"{KEY}.critic_end_step={self.critic_end_step} is only read by a decaying critic_schedule (got "
+                "constant); set critic_schedule=linear or cosine, or critic_end_step=null"
+            )
         if not isinstance(self.fade_critic, bool):
             raise ValueError(f"{KEY}.fade_critic must be true or false, got {self.fade_critic!r}")
+        if self.fade_critic and not self.critic_on:
+            raise ValueError(f"{KEY}.fade_critic=true but critic_coef=0 (no critic to fade): set critic_coef > 0")
         if self.fade_critic and not self.fades:
             raise ValueError(
                 f"{KEY}.fade_critic=true but no fade is set: set fade_reward_threshold and/or fade_end_step, or "
