@@ -176,6 +176,7 @@ def test_prepare_config_refuses_before_loading_anything():
     [
         [],  # plain GRPO, the defaults
         OPD,  # on-policy distillation + the task reward
+        [*OPD[:5], TEACHER, "guided_loss.critic_coef=1.0"],  # OPD with the teacher in lockstep: scores while decoding
         [ESTIMATOR, "guided_loss.mode=imitation"],  # all-guided groups, reward-filtered imitation
         [
             ESTIMATOR,

@@ -169,10 +169,15 @@ def _check_members(loss: GuidedLossConfig, os_config: OptimalSamplingConfig, n: 
         )
 
 
+def _teacher_decoded(os_config: OptimalSamplingConfig, n: int) -> int:
+    """Responses per group whose log pi_t(y_t) the server records while decoding (the teacher runs in lockstep);
+    the others are sampled without the teacher and carry a teacher score only with score_policy_samples."""
+    if os_config.skip_unused_teacher and ignores_teacher(os_config.sampler_config()):
+        return 0
+    return n if os_config.guided_per_prompt is None else min(os_config.guided_per_prompt, n)
+
+
 def _check_critic(loss: GuidedLossConfig, os_config: OptimalSamplingConfig, n: int) -> None:
-    guided, unguided = _guided_members(os_config, n)
-    teacher_runs = not (os_config.skip_unused_teacher and ignores_teacher(os_config.sampler_config()))
-    scored_policy = os_config.score_policy_samples
     if os_config.score_policy_samples and not loss.critic_on:
         raise ValueError(
             f"{ENGINE_KWARGS_KEY}.score_policy_samples=true costs a teacher prefill per policy-only response but "
@@ -184,19 +189,19 @@ def _check_critic(loss: GuidedLossConfig, os_config: OptimalSamplingConfig, n: i
         raise ValueError(
             f"{LOSS_KEY}.critic_coef={loss.critic_coef} needs a teacher: set {ENGINE_KWARGS_KEY}.teacher_path"
         )
-    policy_rows = unguided > 0 or not teacher_runs  # responses sampled without running the teacher
-    if loss.critic_rows != "guided" and policy_rows and not scored_policy:
+    decoded = _teacher_decoded(os_config, n)
+    if loss.critic_rows != "guided" and decoded < n and not os_config.score_policy_samples:
         raise ValueError(
             f"{LOSS_KEY}.critic_rows={loss.critic_rows} puts the teacher critic on policy-only responses, which carry "
             f"no teacher score unless {ENGINE_KWARGS_KEY}.score_policy_samples=true (one teacher prefill each): "
             "turn it on, or set critic_rows=guided"
         )
-    if loss.critic_rows == "guided" and (guided == 0 or not teacher_runs):
+    if loss.critic_rows == "guided" and decoded == 0:
         raise ValueError(
             f"{LOSS_KEY}.critic_rows=guided but no response is sampled with the teacher: set critic_rows=policy "
             f"with {ENGINE_KWARGS_KEY}.score_policy_samples=true (on-policy distillation), or guide some responses"
         )
-    if loss.critic_rows == "policy" and unguided == 0 and teacher_runs:
+    if loss.critic_rows == "policy" and decoded == n:
         raise ValueError(
             f"{LOSS_KEY}.critic_rows=policy but every response is guided (guided_per_prompt="
             f"{os_config.guided_per_prompt}): set critic_rows=guided or all, or guided_per_prompt below rollout.n"
