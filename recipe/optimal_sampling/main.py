@@ -8,6 +8,7 @@ import os
 import sys
 
 from recipe.optimal_sampling.verl.config import check_teacher, check_trainer_config
+from recipe.optimal_sampling.verl.guided import check_guided_loss
 
 VERL_EXTRA = 'pip install -e ".[verl]" (verl[verl-core]==0.9.1; from a wheel: pip install "optimal-sampling[verl]")'
 
@@ -51,6 +52,7 @@ def prepare_config(config: DictConfig) -> None:
         with open_dict(config):
             rollout.agent.agent_loop_config_path = os.path.join(CONFIG_DIR, "agent_loops.yaml")
     os_config = check_trainer_config(config)
+    check_guided_loss(config)  # the guided_loss block against the rest (algorithm.adv_estimator, rollout, steps)
     if os_config is not None:
         model = config.actor_rollout_ref.model
         check_teacher(os_config, model.get("tokenizer_path") or model.path)

@@ -9,6 +9,7 @@ Pieces (DESIGN.md §5), each in its own module and imported only where verl need
 - `adapter`: `DualServerAdapter`, the trainer-side end of the per-step weight sync;
 - `agent_loop`: `DualAgentLoop`, policy and teacher prompts, per-token traces as tensor fields;
 - `trainer`: `OptimalSamplingTrainer`, verl's sync trainer plus `optimal_sampling/*` metrics;
+- `guided`: the `optimal_sampling_guided` advantage estimator (verl's registry) and the `guided_loss` start-up checks;
 - `reward`, `data`: the synthetic addition task in verl's dataset and reward formats.
 
 Importing this package imports nothing from verl.

@@ -63,6 +63,7 @@ class DualAgentLoop(AgentLoopBase):
                 sampling_params=sampling_params,
                 teacher_prompt_ids=teacher_prompt_ids,
                 policy_only=not self.guided(kwargs),
+                group_index=kwargs.get("session_id"),  # compared with the trainer's faded guided limit
             )
         metrics["num_preempted"] = -1
         # 3) traces out of extra_fields (they would stay Python lists there) into tensor fields

@@ -64,6 +64,15 @@ class OptimalSamplingConfig:
         },
     )
 
+    score_policy_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "the server scores every policy-only training response with one teacher prefill (teacher prompt + "
+            "response) and returns log pi_t(y_t) in dual_logp_teacher: the teacher critic on the policy's own samples "
+            "(guided_loss.critic_coef > 0; on-policy distillation). false = policy-only responses cost no teacher pass"
+        },
+    )
+
     def __post_init__(self):
         self.sampler_config()  # raises ValueError naming the bad field
         if self.policy_template is not None and "{prompt}" not in self.policy_template:
@@ -80,7 +89,7 @@ class OptimalSamplingConfig:
                 f"optimal_sampling.guided_per_prompt must be null (every response from q*) or an int >= 0 (that many "
                 f"responses per prompt from q*, the rest from the policy), got {k!r}"
             )
-        for name in ("validate_policy_only", "skip_unused_teacher"):
+        for name in ("validate_policy_only", "skip_unused_teacher", "score_policy_samples"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"optimal_sampling.{name} must be true or false, got {getattr(self, name)!r}")
 

@@ -16,7 +16,9 @@ Policy-only requests (the teacher is not run): every request while the trainer h
 validation (`set_policy_only_validation`, with `optimal_sampling.validate_policy_only`), every request when
 `optimal_sampling.skip_unused_teacher` is on and the sampler config ignores the teacher (alpha fixed at 0, no
 forcing, no support constraint), and requests sent with `policy_only=True` (the on-policy members of a mixed group,
-`optimal_sampling.guided_per_prompt`).
+`optimal_sampling.guided_per_prompt`, and those past the trainer's faded limit, `set_guided_limit`). With
+`optimal_sampling.score_policy_samples`, policy-only training responses get the teacher's log pi_t(y_t) from one
+teacher prefill over (teacher prompt + response) (`engine.scoring`), for the teacher critic of `guided_loss`.
 
 Owns the models' residency (teacher always resident; `sleep` frees cached KV memory only) and the weight-loading
 end of the sync. Knows nothing about trainers, datasets or prompts' text: prompts arrive as token ids.
@@ -35,6 +37,7 @@ from verl.workers.rollout.replica import TokenOutput
 
 from ..engine import DualSample, DualSampler, SamplerConfig, stop_ids_for
 from ..engine.policy_only import ignores_teacher
+from ..engine.scoring import teacher_logprobs
 from .config import OptimalSamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ TRACE_PREFIX = "dual_"  # extra_fields keys: dual_alpha, dual_logp_policy, ...
 TRACE_KEYS = ("logp_policy", "logp_teacher", "alpha", "forced", "support_size")
 DIAGNOSTIC_KEYS = ("kl_q_policy", "kl_q_teacher", "ess_policy", "ess_teacher", "entropy_q")
 FORWARD_TOKEN_KEYS = {"policy": "dual_policy_forward_tokens", "teacher": "dual_teacher_forward_tokens"}  # extra_fields
+GUIDED_KEY = "dual_guided"  # extra_fields: True when the response was sampled with the teacher (from q*)
 
 
 @dataclass
@@ -53,6 +57,7 @@ class _Request:
     future: asyncio.Future
     policy_only: bool = False  # sampled from pi_theta without running the teacher
     temperature: float = 1.0  # 0 = greedy (policy-only validation only)
+    score: bool = False  # a policy-only response the teacher scores afterwards (score_policy_samples)
 
     @property
     def kind(self) -> tuple[bool, float]:
@@ -92,6 +97,7 @@ class DualSamplerServer:
         # 3) when the teacher can be left out (see the module docstring)
         self.teacher_unused = self.os_config.skip_unused_teacher and ignores_teacher(sampler_config)
         self._policy_only_validation = False  # switched by the trainer around validation
+        self._guided_limit: int | None = None  # guided members per group under the trainer's fade; None = no limit
         self.global_steps = 0
         self._pending: list[_Request] = []
         self._drainer: asyncio.Task | None = None
@@ -110,10 +116,12 @@ class DualSamplerServer:
         video_data=None,
         teacher_prompt_ids: list[int] | None = None,
         policy_only: bool = False,
+        group_index: int | None = None,
         **_,
     ) -> TokenOutput:
         """Sample one response from q*. `prompt_ids` is the policy prompt, `teacher_prompt_ids` the teacher's.
-        `policy_only=True` (on-policy members of a mixed group) samples from pi_theta without running the teacher."""
+        `policy_only=True` (on-policy members of a mixed group) samples from pi_theta without running the teacher;
+        `group_index` (the response's index in its group) is compared with the trainer's faded guided limit."""
         if image_data or video_data:
             raise ValueError("the dual backend is text-only: image_data/video_data are not supported")
         if teacher_prompt_ids is None:
@@ -126,9 +134,10 @@ class DualSamplerServer:
         max_tokens = int(sampling_params.get("max_tokens") or self.config.response_length)
         future = asyncio.get_running_loop().create_future()
         temperature = float(sampling_params.get("temperature", self.config.temperature))
-        policy_only = validating or self.teacher_unused or bool(policy_only)
+        policy_only = validating or self.teacher_unused or bool(policy_only) or self._past_guided_limit(group_index)
+        score = policy_only and not validating and self.os_config.score_policy_samples
         self._pending.append(
-            _Request(list(prompt_ids), list(teacher_prompt_ids), max_tokens, future, policy_only, temperature)
+            _Request(list(prompt_ids), list(teacher_prompt_ids), max_tokens, future, policy_only, temperature, score)
         )
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
@@ -163,7 +172,8 @@ class DualSamplerServer:
         seed = int(self.config.seed) * 1_000_003 + self.replica_rank * 10_007 + self._batches
         policy_ids, max_new_tokens = [r.policy_ids for r in batch], max(r.max_tokens for r in batch)
         if batch[0].policy_only:
-            return self.sampler.generate_policy_only(policy_ids, max_new_tokens, seed, batch[0].temperature)
+            sample = self.sampler.generate_policy_only(policy_ids, max_new_tokens, seed, batch[0].temperature)
+            return self._score_with_teacher(batch, sample)
         return self.sampler.generate(policy_ids, [r.teacher_ids for r in batch], max_new_tokens, seed=seed)
 
     def _token_output(self, sample: DualSample, i: int, request: _Request) -> TokenOutput:
@@ -171,21 +181,46 @@ class DualSamplerServer:
         traces = {TRACE_PREFIX + k: [float(x) for x in getattr(sample, k)[i][:n]] for k in TRACE_KEYS}
         traces.update({TRACE_PREFIX + k: sample.diagnostics[k][i][:n] for k in DIAGNOSTIC_KEYS})
         # forward tokens: the prompt's positions (prefill) plus the n - 1 response tokens fed back in decode
+        teacher_ran = not request.policy_only or request.score  # decoded with q*, or scored by a prefill
         forward = {
             FORWARD_TOKEN_KEYS["policy"]: len(request.policy_ids) + n - 1,
-            FORWARD_TOKEN_KEYS["teacher"]: 0 if request.policy_only else len(request.teacher_ids) + n - 1,
+            FORWARD_TOKEN_KEYS["teacher"]: len(request.teacher_ids) + n - 1 if teacher_ran else 0,
         }
         return TokenOutput(
             token_ids=sample.token_ids[i][:n],
             log_probs=sample.logp_q[i][:n],
             stop_reason="completed",
-            extra_fields={"global_steps": self.global_steps, **traces, **forward},
+            extra_fields={"global_steps": self.global_steps, **traces, **forward, GUIDED_KEY: not request.policy_only},
         )
 
     def _lock(self) -> asyncio.Lock:
         if self._model_lock is None:
             self._model_lock = asyncio.Lock()
         return self._model_lock
+
+    # ---- teacher scoring of policy-only responses and the guidance fade (guided_loss) -------------------------------
+
+    def _score_with_teacher(self, batch: list[_Request], sample: DualSample) -> DualSample:
+        """Fill log pi_t(y_t) of the rows whose request asks for it, with one teacher prefill over (teacher prompt +
+        response cut to the request's budget); teacher forward tokens: the prompt plus the n - 1 response tokens fed
+        (prefill, not decode). The other rows keep NaN."""
+        rows = [i for i, r in enumerate(batch) if r.score]
+        if not rows:
+            return sample
+        responses = [sample.token_ids[i][: batch[i].max_tokens] for i in rows]
+        prompts = [batch[i].teacher_ids for i in rows]
+        scores = teacher_logprobs(self.teacher, prompts, responses, self.config.temperature, self.sampler.vocab_size)
+        for i, row in zip(rows, scores, strict=True):
+            sample.logp_teacher[i] = row + sample.logp_teacher[i][len(row) :]
+        return sample
+
+    async def set_guided_limit(self, limit: int | None) -> None:
+        """Responses whose index in their group is >= `limit` are sampled from the policy alone (the trainer's
+        guidance fade, `guided_loss.fade_*`); None lifts the limit."""
+        self._guided_limit = None if limit is None else int(limit)
+
+    def _past_guided_limit(self, group_index: int | None) -> bool:
+        return self._guided_limit is not None and group_index is not None and int(group_index) >= self._guided_limit
 
     # ---- weight sync (called by DualServerAdapter) -------------------------------------------------------------
 

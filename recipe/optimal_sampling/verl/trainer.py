@@ -9,6 +9,9 @@ Differs from `PPOTrainerSync` in:
   (`advantage_metrics`), and every `plot_freq` steps sends alpha plots to W&B;
 - with `optimal_sampling.validate_policy_only`: `on_validate_begin`/`on_validate_end` switch the dual servers to
   policy-only sampling for the validation, and `_val_metrics_update` adds `optimal_sampling/val_policy_only_accuracy`.
+- with `algorithm.adv_estimator=optimal_sampling_guided`: `_compute_advantage` hands the registered estimator the step's
+  guided flags and both models' log-probs (`verl/guided.py`), and `on_sample_begin` sends the servers the guided members
+  per group left by the `guided_loss` fade (lifted during validation).
 verl's own `rollout_corr/*` metrics come from its `_compute_advantage`. The maths of the reductions lives in
 `step_metrics`, `forward_token_metrics` and `advantage_metrics` (functions of tensors and dicts, tested on CPU).
 """
@@ -23,11 +26,14 @@ from torch import Tensor
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
+from ..loss import GuidedLossConfig, critic_coef, faded_guided_per_prompt, guidance_scale
+from ..loss.config import KEY as LOSS_KEY
 from ..metrics import PREFIX, reduce_metrics
 from . import TRAINER_MODE
 from .agent_loop import TRACE_FIELDS
 from .config import OptimalSamplingConfig
-from .server import FORWARD_TOKEN_KEYS, TRACE_PREFIX
+from .guided import GUIDED_ESTIMATOR, guided_step, policy_reward_mean, read_step_inputs
+from .server import FORWARD_TOKEN_KEYS, GUIDED_KEY, TRACE_PREFIX
 
 
 def step_metrics(fields: dict[str, Tensor], response_mask: Tensor) -> dict[str, float]:
@@ -126,7 +132,7 @@ class OptimalSamplingTrainer(PPOTrainerSync):
         # (guided_per_prompt) the on-policy ones are left out. When no response ran the teacher (skip_unused_teacher),
         # they cover every response and the teacher's NaN statistics are dropped.
         forward = forward_token_metrics(extra_fields)
-        guided = torch.tensor([e[FORWARD_TOKEN_KEYS["teacher"]] > 0 for e in extra_fields], dtype=torch.bool)  # (B',)
+        guided = torch.tensor([bool(e[GUIDED_KEY]) for e in extra_fields], dtype=torch.bool)  # (B',)
         traced = {name: value[guided] for name, value in fields.items()} if guided.any() else fields
         traces = step_metrics(traced, traced["response_mask"])
         if not guided.any():
@@ -136,14 +142,55 @@ class OptimalSamplingTrainer(PPOTrainerSync):
         return {**traces, **forward, **advantage_metrics(fields["advantages"], fields["response_mask"])}
 
     def on_validate_begin(self):
-        # Differs from the base (a no-op): with validate_policy_only the servers sample from the policy alone.
+        # Differs from the base (a no-op): with validate_policy_only the servers sample from the policy alone; the
+        # guidance fade's limit is lifted (validation samples as configured, whatever the fade).
         super().on_validate_begin()
         self._set_policy_only_validation(True)
+        self._push_guided_limit(validating=True)
 
     def on_validate_end(self):
-        # Differs from the base (a no-op): the servers go back to sampling from q*.
+        # Differs from the base (a no-op): the servers go back to sampling from q* under the fade's limit.
         self._set_policy_only_validation(False)
+        self._push_guided_limit()
         super().on_validate_end()
+
+    def on_sample_begin(self):
+        # Differs from the base (a no-op): with a guided_loss fade, the servers get the step's guided members per group.
+        super().on_sample_begin()
+        self._push_guided_limit()
+
+    def _compute_advantage(self, batch, metrics):
+        # Differs from the base only with algorithm.adv_estimator=optimal_sampling_guided: the registered estimator gets
+        # the step's guided flags and log-probs while the base method runs; the policy's own reward feeds the fade.
+        if self.config.algorithm.adv_estimator != GUIDED_ESTIMATOR:
+            return super()._compute_advantage(batch, metrics)
+        loss, guidance = self._guided_loss(), self._guidance()
+        inputs, scores = read_step_inputs(batch, self.global_steps, guidance, loss)
+        with guided_step(inputs):
+            batch = super()._compute_advantage(batch, metrics)
+        keep = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])  # (B,)
+        self._policy_reward = policy_reward_mean(scores[keep], inputs.guided[keep])
+        beta = critic_coef(self.global_steps, loss.critic_coef, loss.critic_schedule, loss.critic_end_step)
+        metrics[PREFIX + "guidance"] = guidance
+        metrics[PREFIX + "critic_coef"] = beta * guidance if loss.fade_critic else beta
+        return batch
+
+    def _guided_loss(self) -> GuidedLossConfig:
+        return GuidedLossConfig.from_mapping(self.config.get(LOSS_KEY))
+
+    def _guidance(self) -> float:
+        """The fade's scale for the current step, from the policy's own reward of the last step (1 before any)."""
+        loss = self._guided_loss()
+        reward = getattr(self, "_policy_reward", None)
+        return guidance_scale(reward, self.global_steps, loss.fade_reward_threshold, loss.fade_end_step)
+
+    def _push_guided_limit(self, validating: bool = False) -> None:
+        if self.config.algorithm.adv_estimator != GUIDED_ESTIMATOR or not self._guided_loss().fades:
+            return
+        k = os_config_of(self.config).guided_per_prompt
+        k = int(self.config.actor_rollout_ref.rollout.n) if k is None else k
+        limit = None if validating else faded_guided_per_prompt(k, self._guidance())
+        ray.get([handle.set_guided_limit.remote(limit) for handle in self.llm_server_manager.server_handles])
 
     def _set_policy_only_validation(self, on: bool) -> None:
         if os_config_of(self.config).validate_policy_only:
