@@ -32,6 +32,26 @@ SEQ_ROUND, STEP_ROUND = 64, 128  # capacities grow in these steps, so that nearb
 _ROW = {name: i for i, name in enumerate(RECORD_FIELDS)}
 
 
+def reference_record(logits: list[Tensor], config: SamplerConfig, step, generator) -> tuple[Tensor, Tensor]:
+    """Without Triton (CPU): `sample_step` on materialised log-probs, packed like the fused record.
+    logits: [policy, teacher] (B, V) each. Returns token (B,) and record (F, B) float32."""
+    rec = sample_step(logits[0], logits[1], step, config, generator)
+    nan = [lg.isnan().any(-1).float() for lg in logits]  # (B,) each
+    rows = [rec.logp_q, rec.logp_policy, rec.logp_teacher, rec.alpha, rec.forced.float(), rec.support_size.float()]
+    rows += [rec.diagnostics[name] for name in DIAGNOSTIC_FIELDS] + nan
+    return rec.token, torch.stack(rows).float()  # (B,), (F, B)
+
+
+def greedy_record(logits_policy: Tensor, record: Tensor) -> Tensor:
+    """The argmax instead of the draw: a point mass (log q* = 0, support 1). Rewrites record (F, B) in place and
+    returns the argmax tokens (B,)."""
+    token = logits_policy.argmax(-1)  # (B,)
+    record[_ROW["logp_policy"]] = logits_policy.float().log_softmax(-1).gather(-1, token[:, None])[:, 0]
+    record[_ROW["logp_q"]] = 0.0
+    record[_ROW["support_size"]] = 1.0
+    return token
+
+
 def bucket_for(batch: int) -> int:
     """The smallest bucket >= batch (beyond the largest bucket: the next multiple of it)."""
     for b in BUCKETS:
@@ -55,6 +75,10 @@ class _State:
         self.seed = torch.zeros((), dtype=torch.long, device=dev)  # ()
         self.trace = torch.zeros(len(RECORD_FIELDS), batch, steps, dtype=torch.float32, device=dev)  # (F, B, T)
         self.tokens = torch.zeros(batch, steps, dtype=torch.long, device=dev)  # (B, T)
+        # continuous batching (`slots`): each row's own request
+        self.row_step = torch.zeros(batch, dtype=torch.long, device=dev)  # (B,) tokens the row's request has
+        self.row_seed = torch.zeros(batch, dtype=torch.long, device=dev)  # (B,) the request's seed
+        self.limit = torch.zeros(batch, dtype=torch.long, device=dev)  # (B,) the request's max_new_tokens
 
 
 class FastDualEngine:
@@ -157,12 +181,9 @@ class FastDualEngine:
                 diagnostics=self.diagnostics,
             )  # fmt: skip  (bucket,), (F, bucket)
         else:
-            token, record = self._reference_step(logits, config, host_step)
-        if mode == "greedy":  # the argmax instead of the draw: a point mass (log q* = 0, support 1)
-            token = logits[0].argmax(-1)  # (bucket,)
-            record[_ROW["logp_policy"]] = logits[0].float().log_softmax(-1).gather(-1, token[:, None])[:, 0]
-            record[_ROW["logp_q"]] = 0.0
-            record[_ROW["support_size"]] = 1.0
+            token, record = reference_record(logits, config, host_step, self._generator)
+        if mode == "greedy":
+            token = greedy_record(logits[0], record)
         # 2) bookkeeping
         finished = st.finished[:bucket]
         token = torch.where(finished, torch.zeros_like(token), token)  # (bucket,)
@@ -182,44 +203,39 @@ class FastDualEngine:
             self._stops[config] = torch.tensor(config.stop_token_ids, dtype=torch.long, device=self.device)
         return self._stops[config]
 
-    def _reference_step(self, logits: list[Tensor], config: SamplerConfig, step: int) -> tuple[Tensor, Tensor]:
-        """Without Triton (CPU): `sample_step` on materialised log-probs, packed like the fused record."""
-        rec = sample_step(logits[0], logits[1], step, config, self._generator)
-        nan = [lg.isnan().any(-1).float() for lg in logits]  # (B,) each
-        rows = [rec.logp_q, rec.logp_policy, rec.logp_teacher, rec.alpha, rec.forced.float(), rec.support_size.float()]
-        rows += [rec.diagnostics[name] for name in DIAGNOSTIC_FIELDS] + nan
-        return rec.token, torch.stack(rows).float()  # (B,), (F, B)
-
     def _step_fn(self, bucket: int, config: SamplerConfig, mode: str = "dual"):
         """A callable(step) running one step: a CUDA graph replay (captured on first use) or an eager step."""
         if not self.use_graphs:
             return lambda step: self._step(bucket, config, step, mode)
         key = (bucket, config, mode)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            self.graphs[key] = self.capture(key, lambda: self._step(bucket, config, mode=mode))
         return lambda step: self.graphs[key].replay()
 
-    def _capture(self, bucket: int, config: SamplerConfig, mode: str) -> torch.cuda.CUDAGraph:
-        """Warm up (compiles kernels on first use) on dummy state, then capture one step."""
+    def capture(self, key: tuple, step) -> torch.cuda.CUDAGraph:
+        """Warm up step() (compiles kernels on first use) on dummy state, then capture one call of it. The per-call
+        state is zeroed before and after (every row finished): callers set it up after capturing."""
         t0 = time.perf_counter()
-        st = self.state
-        for pos, lg in zip(st.pos, st.logits, strict=True):
-            pos.zero_()
-            lg.zero_()
-        st.step.zero_()
-        st.finished.zero_()
+        self._zero_state()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(bucket, config, mode=mode)
+                step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(bucket, config, mode=mode)
+            step()
         torch.cuda.synchronize()
-        self.warmup_seconds[(bucket, config, mode)] = time.perf_counter() - t0
+        self._zero_state()
+        self.warmup_seconds[key] = time.perf_counter() - t0
         return graph
+
+    def _zero_state(self) -> None:
+        st = self.state
+        for t in (*st.pos, *st.logits, st.step, st.row_step, st.row_seed, st.limit):
+            t.zero_()
+        st.finished.fill_(True)
 
     # ------------------------------------------------------------------------------------------- per call
     def _reset(self, prompts: tuple, bucket: int, seed: int) -> None:
