@@ -108,6 +108,7 @@ class FastDualEngine:
         self.warmup_seconds: dict[tuple[int, SamplerConfig, str], float] = {}  # capture cost per graph key
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stops: dict[SamplerConfig, Tensor] = {}
+        self._asleep: tuple[int, int, int] | None = None  # the capacity to take back on `wake`
 
     # ------------------------------------------------------------------------------------------------- public
     @torch.no_grad()
@@ -158,6 +159,32 @@ class FastDualEngine:
         if self.use_graphs:  # the old graphs are gone: a fresh pool (reusing a released one trips the allocator)
             self._pool = torch.cuda.graph_pool_handle()
         self.state = _State(self.models, batch, seq, steps, self.vocab_size)
+
+    def sleep(self) -> int:
+        """Free the static state (both KV caches, logits, traces) and the CUDA graphs with their memory pool, for
+        the trainer's phase; `wake` takes the same capacity back. Returns the bytes of state freed. The graphs are
+        re-captured on their first use after waking (their addresses point into the freed state; `warmup_seconds`
+        says what a capture costs)."""
+        st = self.state
+        if st is None:
+            return 0
+        freed = sum(m.cache_bytes(st.batch, st.seq) for m in self.models)
+        freed += sum(t.numel() * t.element_size() for t in (*st.logits, st.trace, st.tokens))
+        self._asleep = (st.batch, st.seq, st.steps)
+        self.state, self.graphs = None, {}
+        for m in self.models:
+            m.k_cache = m.v_cache = None
+        if self.use_graphs:
+            self._pool = torch.cuda.graph_pool_handle()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        return freed
+
+    def wake(self) -> None:
+        """Re-allocate the capacity held before `sleep` (raises MemoryError, naming the sizes, if it no longer fits)."""
+        if self.state is None and self._asleep is not None:
+            self.reserve(*self._asleep)
+        self._asleep = None
 
     # ------------------------------------------------------------------------------------------ the step
     def _step(self, bucket: int, config: SamplerConfig, host_step: int | None = None, mode: str = "dual") -> None:

@@ -21,9 +21,9 @@ from . import kernels as K
 PREFILL_TOKENS = 8192  # rows x tokens per prefill chunk: bounds the activations of one chunk
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why `StaticQwen3` cannot run this model (None when it can)."""
-    cfg = getattr(model, "config", None)
+def unsupported_reason(model) -> str | None:
+    """Why `StaticQwen3` cannot run this model (an HF model or its config; None when it can)."""
+    cfg = getattr(model, "config", model)
     if getattr(cfg, "model_type", None) != "qwen3":
         return f"model_type is {getattr(cfg, 'model_type', None)!r}, the fast path implements 'qwen3'"
     if getattr(cfg, "attention_bias", False):

@@ -77,6 +77,10 @@ class ContinuousBatcher:
         self.serve(pull, deliver, config, mode)
         return _as_sample(rows, self.engine.diagnostics)
 
+    def reserve(self) -> None:
+        """Allocate the slots now (MemoryError naming the sizes when they cannot fit); `serve` calls it too."""
+        self.engine.reserve(self.slots, self.slot_len + 1, self.slot_len + 1)  # +1: the scratch slot of finished rows
+
     def check(self, requests: list[Request], mode: str) -> None:
         """Raise a ValueError naming the sizes when a request cannot fit a slot (before any decode)."""
         if mode not in MODES:
@@ -103,8 +107,7 @@ class ContinuousBatcher:
         """Decode until `pull` has nothing left and every slot is free. pull(n) returns up to n new requests (it is
         asked at every host check, so requests may arrive while others decode); deliver(request, row) receives
         each finished request's row (the fields of `DualSample.row`, without text)."""
-        eng = self.engine
-        eng.reserve(self.slots, self.slot_len + 1, self.slot_len + 1)  # +1: the scratch slot of finished rows
+        self.reserve()
         step = self._step_fn(config, mode)
         self._reset()
         self.steps = 0
@@ -130,7 +133,7 @@ class ContinuousBatcher:
         eng = self.engine
         if not eng.use_graphs:
             return lambda: slot_step(eng, self.slots, config, mode, self.generators)
-        key = ("slots", self.slots, config, mode)
+        key = (self.slots, config, f"slots:{mode}")
         if key not in eng.graphs:
             eng.graphs[key] = eng.capture(key, lambda: slot_step(eng, self.slots, config, mode))
         return eng.graphs[key].replay
