@@ -75,8 +75,8 @@ class OptimalSamplingConfig:
         default=True,
         metadata={
             "help": "with the fast engine, requests stream into rollout.max_num_seqs fixed slots of "
-            "rollout.max_model_len (default prompt_length + response_length) tokens while others decode; false = one "
-            "static batch per batch_window_ms"
+            "rollout.max_model_len (default prompt_length + response_length + 128) tokens while others decode; false "
+            "= one static batch per batch_window_ms"
         },
     )
 

@@ -48,6 +48,7 @@ TRACE_KEYS = ("logp_policy", "logp_teacher", "alpha", "forced", "support_size")
 DIAGNOSTIC_KEYS = ("kl_q_policy", "kl_q_teacher", "ess_policy", "ess_teacher", "entropy_q")
 FORWARD_TOKEN_KEYS = {"policy": "dual_policy_forward_tokens", "teacher": "dual_teacher_forward_tokens"}  # extra_fields
 FAST_ENGINE_KEY = "dual_fast_engine"  # extra_fields: 1 when the fast engine sampled the response, else 0
+SLOT_MARGIN = 128  # slot tokens beyond prompt_length + response_length: the teacher's chat template is longer
 BACKEND_OF_ENGINE = {"auto": "auto", "fast": "cuda_graph", "reference": "reference"}  # optimal_sampling.engine
 
 
@@ -106,7 +107,8 @@ class DualSamplerServer:
             "dual server %d: %s engine (%s)", replica_rank, "fast" if self.fast_engine else "reference",
             self.sampler.backend_reason,
         )  # fmt: skip
-        self.slot_len = int(self.config.max_model_len or self.config.prompt_length + self.config.response_length)
+        rollout = self.config  # a slot holds max_model_len tokens, else a prompt, a response and the teacher's template
+        self.slot_len = int(rollout.max_model_len or rollout.prompt_length + rollout.response_length + SLOT_MARGIN)
         self.batcher = self._make_batcher() if self.fast_engine and self.os_config.continuous_batching else None
         self._pending_lock = threading.Lock()  # _pending is shared with the worker thread of a continuous serve
         self._seeds = 0
@@ -154,8 +156,8 @@ class DualSamplerServer:
                 self.batcher.check([self._slot_request(request)], self._mode(request))
             except ValueError as e:
                 raise ValueError(
-                    f"{e} (a slot holds actor_rollout_ref.rollout.max_model_len, default prompt_length + "
-                    "response_length, tokens)"
+                    f"{e} (a slot holds actor_rollout_ref.rollout.max_model_len tokens, default prompt_length + "
+                    f"response_length + {SLOT_MARGIN}: raise max_model_len)"
                 ) from None
         with self._pending_lock:
             self._pending.append(request)

@@ -20,7 +20,7 @@ import torch
 
 from ..config import SamplerConfig
 from ..sampler import DIAGNOSTIC_FIELDS, TEACHER_FIELDS, TRACE_FIELDS, DualSample
-from .engine import _ROW, MODES, bucket_for
+from .engine import _ROW, MODES
 from .slots import slot_step
 
 
@@ -57,7 +57,7 @@ class ContinuousBatcher:
     def __init__(self, engine, slots: int, slot_len: int, check_every: int = 4):
         if slots < 1 or slot_len < 2 or check_every < 1:
             raise ValueError(f"slots={slots}, slot_len={slot_len}, check_every={check_every}: all must be >= 1 (2)")
-        self.engine, self.slots, self.slot_len, self.check_every = engine, bucket_for(slots), slot_len, check_every
+        self.engine, self.slots, self.slot_len, self.check_every = engine, slots, slot_len, check_every
         self.steps = 0  # graph replays in the last `serve` (the slot-steps it spent: steps * slots)
         self.prefilled = self.copied = 0  # prompts prefilled / copied from a slot holding the same prompt
 
