@@ -121,3 +121,28 @@ def test_sleep_frees_the_engine_memory_and_wake_serves_the_same_samples(models):
     again = batcher.run(reqs, cfg)
     assert again.token_ids == first.token_ids
     print(f"awake {awake / 2**20:.1f} MiB, asleep {asleep / 2**20:.1f} MiB, recapture {engine.warmup_seconds}")
+
+
+def test_sleep_keeping_graphs_releases_the_cache_pages_without_recapture(models):
+    """keep_graphs_on_sleep: the KV caches live in CUDA virtual memory; sleep() hands their pages back (device free
+    memory rises by at least the caches), wake() maps new pages at the same addresses, and the graphs captured
+    before replay unchanged (no new capture) with the same samples; a decode while asleep wakes the engine first."""
+    engine = FastDualEngine(*models, V, keep_graphs_on_sleep=True)
+    assert engine.sleep_mode == "keep_graphs", engine.sleep_mode_reason
+    batcher = ContinuousBatcher(engine, slots=64, slot_len=1024)
+    reqs, cfg = grpo_requests(8, [30, 5, 80, 12]), SamplerConfig.preset("balanced")
+    first = batcher.run(reqs, cfg)
+    captured = dict(engine.warmup_seconds)
+    caches = sum(m.cache_bytes(engine.state.batch, engine.state.seq) for m in engine.models)
+    ptrs = [m.k_cache.data_ptr() for m in engine.models]
+    torch.cuda.synchronize()
+    free_awake = torch.cuda.mem_get_info()[0]
+    assert engine.sleep() == caches
+    free_asleep = torch.cuda.mem_get_info()[0]
+    assert free_asleep - free_awake >= caches, (free_awake, free_asleep, caches)
+    engine.wake()
+    assert [m.k_cache.data_ptr() for m in engine.models] == ptrs
+    again = batcher.run(reqs, cfg)
+    assert engine.warmup_seconds == captured and again.token_ids == first.token_ids
+    engine.sleep()
+    assert batcher.run(reqs, cfg).token_ids == first.token_ids  # reserve() woke it

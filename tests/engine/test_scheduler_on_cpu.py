@@ -153,3 +153,20 @@ def test_bad_requests_fail_before_decoding(models):
         batcher.run([Request([1], None, 2, 0)], SamplerConfig())
     with pytest.raises(ValueError, match="slots=0"):
         ContinuousBatcher(engine, slots=0, slot_len=12)
+
+
+def test_sleep_drops_the_engine_state_and_wake_restores_it(models):
+    """Off CUDA there are no graphs to keep: keep_graphs_on_sleep falls back to dropping the state (and says why);
+    sleep() frees the caches, wake() re-allocates the same capacity, and the same requests sample the same tokens."""
+    engine = FastDualEngine(*models, V, use_graphs=False, keep_graphs_on_sleep=True)
+    assert engine.sleep_mode == "drop" and engine.sleep_mode_reason == "no CUDA graphs to keep"
+    batcher = ContinuousBatcher(engine, slots=2, slot_len=20)
+    reqs, cfg = grpo_requests(1, [4, 2, 5]), SamplerConfig.preset("balanced")
+    first = batcher.run(reqs, cfg)
+    st = engine.state
+    capacity, caches = (st.batch, st.seq, st.steps), sum(m.cache_bytes(st.batch, st.seq) for m in engine.models)
+    assert engine.sleep() > caches and engine.state is None and all(m.k_cache is None for m in engine.models)
+    assert engine.sleep() == 0  # already asleep
+    engine.wake()
+    assert (engine.state.batch, engine.state.seq, engine.state.steps) == capacity
+    assert batcher.run(reqs, cfg).token_ids == first.token_ids

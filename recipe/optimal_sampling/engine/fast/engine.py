@@ -25,6 +25,7 @@ from ..config import SamplerConfig
 from ..sampler import DIAGNOSTIC_FIELDS, TEACHER_FIELDS, TRACE_FIELDS, DualSample
 from ..step import sample_step
 from .model import StaticQwen3
+from .vmm import SleepableBuffer, unavailable_reason
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODES = ("dual", "policy", "greedy")  # both models / the policy alone, sampled / the policy alone, argmax
@@ -63,11 +64,13 @@ def bucket_for(batch: int) -> int:
 class _State:
     """Every tensor a captured step reads or writes, allocated once per capacity (graphs hold their addresses)."""
 
-    def __init__(self, models: tuple[StaticQwen3, StaticQwen3], batch: int, seq: int, steps: int, vocab: int):
+    def __init__(self, models: tuple, batch: int, seq: int, steps: int, vocab: int, sleepable: bool = False):
         dev = models[0].embed.device
         self.batch, self.seq, self.steps = batch, seq, steps
-        for m in models:
-            m.allocate(batch, seq)
+        # sleepable: the KV caches live in memory whose pages `sleep` can release at fixed addresses (vmm)
+        self.buffers = [SleepableBuffer(m.cache_bytes(batch, seq), dev) for m in models] if sleepable else []
+        for m, buf in zip(models, self.buffers or [None] * len(models), strict=True):
+            m.allocate(batch, seq, None if buf is None else buf.tensor)
         self.logits = [torch.zeros(batch, vocab, dtype=m.dtype, device=dev) for m in models]  # (B, V) each
         self.pos = [torch.zeros(batch, dtype=torch.long, device=dev) for _ in models]  # (B,) next cache slot
         self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)  # (B,)
@@ -85,7 +88,9 @@ class FastDualEngine:
     """Static caches + CUDA graphs for two Qwen3 models sampling from q* in lockstep (see the module docstring).
 
     use_graphs: capture steps in CUDA graphs (default: on CUDA). check_every: steps between host checks for
-    "all rows finished". diagnostics: compute the five per-token diagnostics (cheap: sums in the sampling pass)."""
+    "all rows finished". diagnostics: compute the five per-token diagnostics (cheap: sums in the sampling pass).
+    keep_graphs_on_sleep: put the KV caches in CUDA virtual memory (`vmm`) so that `sleep` releases their pages
+    at fixed addresses and the graphs survive it (else `sleep` drops caches and graphs; `sleep_mode` says which)."""
 
     def __init__(
         self,
@@ -95,6 +100,7 @@ class FastDualEngine:
         use_graphs: bool | None = None,
         check_every: int = 8,
         diagnostics: bool = True,
+        keep_graphs_on_sleep: bool = False,
     ):
         self.device = next(policy.parameters()).device
         self.fused = fused_available(self.device)
@@ -109,6 +115,9 @@ class FastDualEngine:
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stops: dict[SamplerConfig, Tensor] = {}
         self._asleep: tuple[int, int, int] | None = None  # the capacity to take back on `wake`
+        vmm_reason = unavailable_reason(self.device) if self.use_graphs else "no CUDA graphs to keep"
+        self.sleep_mode = "keep_graphs" if keep_graphs_on_sleep and vmm_reason is None else "drop"
+        self.sleep_mode_reason = vmm_reason if keep_graphs_on_sleep and vmm_reason else None
 
     # ------------------------------------------------------------------------------------------------- public
     @torch.no_grad()
@@ -149,6 +158,8 @@ class FastDualEngine:
         """Make room for `batch` rows of `seq` cache slots and `steps` trace columns; raises MemoryError early
         (naming the memory needed) when the caches cannot fit next to the models."""
         s = self.state
+        if s is not None and s.buffers:  # keep_graphs sleep: map the caches back before anything runs
+            self.wake()
         if s is not None and batch <= s.batch and seq <= s.seq and steps <= s.steps:
             return
         batch = max(batch, s.batch if s else 0)
@@ -158,17 +169,21 @@ class FastDualEngine:
         self.state, self.graphs = None, {}
         if self.use_graphs:  # the old graphs are gone: a fresh pool (reusing a released one trips the allocator)
             self._pool = torch.cuda.graph_pool_handle()
-        self.state = _State(self.models, batch, seq, steps, self.vocab_size)
+        self.state = _State(self.models, batch, seq, steps, self.vocab_size, self.sleep_mode == "keep_graphs")
 
     def sleep(self) -> int:
-        """Free the static state (both KV caches, logits, traces) and the CUDA graphs with their memory pool, for
-        the trainer's phase; `wake` takes the same capacity back. Returns the bytes of state freed. The graphs are
-        re-captured on their first use after waking (their addresses point into the freed state; `warmup_seconds`
-        says what a capture costs)."""
+        """Free memory for the trainer's phase; `wake` (or any decode) takes the same capacity back. Returns the bytes
+        freed. sleep_mode "drop": the whole static state (both KV caches, logits, traces) and the CUDA graphs with
+        their pool; graphs are re-captured on first use after waking (`warmup_seconds` says what a capture costs).
+        sleep_mode "keep_graphs": the KV caches' pages only; their addresses, the graphs and the small buffers stay."""
         st = self.state
         if st is None:
             return 0
         freed = sum(m.cache_bytes(st.batch, st.seq) for m in self.models)
+        if st.buffers:  # keep_graphs: release the caches' pages only; graphs and the other buffers stay
+            for buf in st.buffers:
+                buf.sleep()
+            return freed
         freed += sum(t.numel() * t.element_size() for t in (*st.logits, st.trace, st.tokens))
         self._asleep = (st.batch, st.seq, st.steps)
         self.state, self.graphs = None, {}
@@ -181,8 +196,11 @@ class FastDualEngine:
         return freed
 
     def wake(self) -> None:
-        """Re-allocate the capacity held before `sleep` (raises MemoryError, naming the sizes, if it no longer fits)."""
-        if self.state is None and self._asleep is not None:
+        """Take back what `sleep` freed (raises MemoryError, naming the sizes, if it no longer fits)."""
+        if self.state is not None:
+            for buf in self.state.buffers:
+                buf.wake()
+        elif self._asleep is not None:
             self.reserve(*self._asleep)
         self._asleep = None
 

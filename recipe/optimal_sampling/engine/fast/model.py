@@ -105,12 +105,19 @@ class StaticQwen3:
         """Bytes of K and V caches for `batch` rows of `seq` slots."""
         return 2 * len(self.layers) * batch * self.n_kv * seq * self.head_dim * self.embed.element_size()
 
-    def allocate(self, batch: int, seq: int) -> None:
-        """(Re)allocate the caches for (batch, seq); the old ones are freed first."""
+    def allocate(self, batch: int, seq: int, storage: Tensor | None = None) -> None:
+        """(Re)allocate the caches for (batch, seq); the old ones are freed first. storage: zeroed uint8 memory of
+        at least cache_bytes(batch, seq) to carve them from (e.g. a `vmm.SleepableBuffer`), else torch allocates."""
         self.k_cache = self.v_cache = None
         shape = (len(self.layers), batch, self.n_kv, seq, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.embed.device)  # (L, B, KVH, S, D)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.embed.device)  # (L, B, KVH, S, D)
+        if storage is None:
+            self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.embed.device)  # (L, B, KVH, S, D)
+            self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.embed.device)  # (L, B, KVH, S, D)
+            return
+        n = self.cache_bytes(batch, seq) // 2
+        assert storage.dtype == torch.uint8 and storage.numel() >= 2 * n, f"{storage.shape=} {n=}"
+        self.k_cache = storage[:n].view(self.dtype).view(shape)
+        self.v_cache = storage[n : 2 * n].view(self.dtype).view(shape)
 
     # ---------------------------------------------------------------------------------------------- forward
     def _layers(self, x: Tensor, rows: Tensor, pos: Tensor, attend) -> Tensor:
