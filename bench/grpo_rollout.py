@@ -139,12 +139,19 @@ def floor_seconds(models, made: list[tuple[Request, int]], slots: int, bandwidth
     weights plus, per model, the KV bytes of every token's context, at `bandwidth` bytes/s (None off CUDA)."""
     if bandwidth is None:
         return None
-    weights = sum(sum(p.numel() * p.element_size() for p in m.model.parameters()) for m in models)
+    weights = sum(weight_bytes(m.model) for m in models)
     kv = 0
     for m, side in zip(models, ("policy_ids", "teacher_ids"), strict=False):  # models: 1 or 2
         per_token = m.cache_bytes(1, 1)
         kv += sum(per_token * (len(getattr(r, side)) * t + t * (t + 1) // 2) for r, t in made)
     return (math.ceil(sum(t for _, t in made) / slots) * weights + kv) / bandwidth
+
+
+def weight_bytes(model) -> int:
+    """Bytes one decode step reads: every parameter, except an untied input embedding (only B rows are read)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return total - (0 if emb is head else emb.numel() * emb.element_size())
 
 
 def read_bandwidth(device: torch.device) -> float | None:
