@@ -197,7 +197,11 @@ class DualSamplerServer:
 
         def deliver(slot_request, row: dict) -> None:
             request = taken.pop(id(slot_request.tag))
-            loop.call_soon_threadsafe(_resolve, request.future, self._token_output(row, request), None)
+            try:
+                result, error = self._token_output(row, request), None
+            except Exception as e:  # this request sees it; the others go on
+                result, error = None, e
+            loop.call_soon_threadsafe(_resolve, request.future, result, error)
 
         self._batches += 1
         try:
