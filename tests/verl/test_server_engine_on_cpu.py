@@ -108,3 +108,24 @@ def test_sleep_frees_the_engine_state_and_wake_takes_it_back(fast_shaped):
     out = asyncio.run(server.generate([5, 6], dict(SAMPLING, max_tokens=3), "r", teacher_prompt_ids=[7, 8]))
     want = full_logp(fast_shaped["policy"], [5, 6], out.token_ids)
     torch.testing.assert_close(torch.tensor(out.extra_fields["dual_logp_policy"]), want, atol=1e-4, rtol=0)
+
+
+def test_an_engine_failure_reaches_every_request_in_flight(fast_shaped):
+    """Nothing hangs: when the engine fails mid-serve, every request it had taken gets the error, and the server
+    serves the next requests normally."""
+    server = make_server(fast_shaped)
+    server.batcher = server.sampler.continuous(2, server.slot_len)
+    real = server.batcher._harvest
+    server.batcher._harvest = lambda *a: (_ for _ in ()).throw(RuntimeError("engine failed"))
+
+    async def main():
+        calls = [
+            server.generate([5, 6, 7], dict(SAMPLING, max_tokens=3), f"r{i}", teacher_prompt_ids=[8]) for i in range(3)
+        ]
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=120)
+
+    outs = asyncio.run(main())
+    assert [str(e) for e in outs] == ["engine failed"] * 3
+    server.batcher._harvest = real
+    out = asyncio.run(server.generate([5, 6, 7], dict(SAMPLING, max_tokens=3), "ok", teacher_prompt_ids=[8]))
+    assert 1 <= len(out.token_ids) <= 3
