@@ -91,7 +91,13 @@ class _CudaArray:
     """A raw device range as __cuda_array_interface__, for torch.as_tensor (zero-copy)."""
 
     def __init__(self, ptr: int, nbytes: int):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "strides": None, "version": 3}
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "strides": None,
+            "version": 3,
+        }
 
 
 class SleepableBuffer:
