@@ -9,6 +9,7 @@ import torch
 
 from recipe.optimal_sampling import SamplerConfig
 from recipe.optimal_sampling.core import mix_logprobs, solve_alpha, teacher_top_p_support
+from recipe.optimal_sampling.core.fused import fused_available
 from recipe.optimal_sampling.engine.fast.engine import FastDualEngine
 from recipe.optimal_sampling.engine.fast.scheduler import ContinuousBatcher, Request, request_seed
 from recipe.optimal_sampling.engine.policy_only import generate_policy_only, policy_only_config
@@ -170,3 +171,23 @@ def test_sleep_drops_the_engine_state_and_wake_restores_it(models):
     engine.wake()
     assert (engine.state.batch, engine.state.seq, engine.state.steps) == capacity
     assert batcher.run(reqs, cfg).token_ids == first.token_ids
+
+
+@pytest.mark.skipif(not fused_available("cpu"), reason="needs Triton with TRITON_INTERPRET=1")
+def test_fused_slots_under_the_triton_interpreter(models):
+    """The GPU path's sampling (fused_sample with per-row streams) in the slots, through Triton's interpreter (the
+    model's ops stay torch twins: the interpreter cannot run the scalar-masked cache store): each request samples
+    what it samples alone in the fused batch-of-one path, traced exactly, first token forced."""
+    policy, teacher = models
+    engine = FastDualEngine(policy, teacher, V, use_graphs=False)
+    assert engine.fused
+    for m in engine.models:
+        m.use_triton = False
+    cfg = SamplerConfig.preset("balanced", stop_token_ids=STOPS)
+    reqs = grpo_requests(1, [3, 5, 2], seed=1)
+    out = ContinuousBatcher(engine, slots=2, slot_len=16, check_every=2).run(reqs, cfg)
+    for i, r in enumerate(reqs):
+        alone = engine.generate([r.policy_ids], [r.teacher_ids], r.max_new_tokens, r.seed, cfg)
+        assert out.token_ids[i] == alone.token_ids[0] and out.forced[i][0]
+        lp = full_logp(policy, r.policy_ids, out.token_ids[i]).gather(-1, torch.tensor(out.token_ids[i])[:, None])
+        torch.testing.assert_close(torch.tensor(out.logp_policy[i]), lp[:, 0], atol=1e-4, rtol=0)
