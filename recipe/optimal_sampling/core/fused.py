@@ -193,9 +193,13 @@ def fused_sample(
 ) -> tuple[Tensor, Tensor]:
     """One token per row from q*, with its record. logits_*: (B, V) raw logits (bf16/fp16/fp32, rows contiguous);
     step, seed: () int64 device tensors (forcing applies while step < force_teacher_tokens; the random stream is
-    keyed by seed + step). Returns token (B,) int64 and record (len(RECORD_FIELDS), B) float32. With
-    diagnostics=False the five diagnostic rows are left unwritten (garbage)."""
+    keyed by seed + step, the row in its counter), or both (B,) for per-row streams (row b keyed by seed[b] +
+    step[b] alone: its draws equal those of a batch of one with that seed and step, whichever row it is in).
+    Returns token (B,) int64 and record (len(RECORD_FIELDS), B) float32. With diagnostics=False the five
+    diagnostic rows are left unwritten (garbage)."""
     _check(logits_policy, logits_teacher)
+    row_streams = step.dim() == 1
+    assert seed.dim() == step.dim() and (not row_streams or step.shape == seed.shape == logits_policy.shape[:1])
     plan = _Plan(logits_policy)
     dev = logits_policy.device
     # 1) stats, 2) support
@@ -222,10 +226,10 @@ def fused_sample(
     _ks._sample_kernel[plan.grid](
         logits_policy, logits_teacher, s_p, s_t, plan.V, plan.chunk, inv_t, stats, alpha if thr is None else thr,
         alpha, step, seed, int(force_teacher_tokens), part, HAS_SUPPORT=has_support, DIAG=diagnostics,
-        NS_PAD=plan.ns_pad, BLOCK=1024, num_warps=8,
+        NS_PAD=plan.ns_pad, BLOCK=1024, ROW_STREAMS=row_streams, num_warps=8,
     )  # fmt: skip
     _ks._epilogue_kernel[(plan.B,)](
         logits_policy, logits_teacher, s_p, s_t, inv_t, stats, alpha, step, int(force_teacher_tokens), part, record,
-        token, plan.ns, NS_PAD=plan.ns_pad, num_warps=1,
+        token, plan.ns, NS_PAD=plan.ns_pad, ROW_STREAMS=row_streams, num_warps=1,
     )  # fmt: skip
     return token, record

@@ -1,9 +1,11 @@
 """Triton kernels of the last pass of `core.fused`: sampling from q* and the per-row record.
 
 Owns `_sample_kernel` (mixing on the support at the final alpha, exponential-race sampling with an in-kernel
-Philox stream keyed by (seed, step), the sums behind the diagnostics) and `_epilogue_kernel` (combines the splits
-of a row into the token and its record). Shares the helpers and conventions of `fused_kernels` (splits, per-lane
-online log-sum-exp, order-preserving keys); knows nothing about models or configs.
+Philox stream keyed by (seed, step): one stream per batch with the row in the counter, or with ROW_STREAMS one
+stream per row keyed by that row's own (seed, step), so a row's draws do not depend on its slot; the sums
+behind the diagnostics) and `_epilogue_kernel` (combines the splits of a row into the token and its record).
+Shares the helpers and conventions of `fused_kernels` (splits, per-lane online log-sum-exp, order-preserving
+keys); knows nothing about models or configs.
 """
 
 import triton
@@ -55,6 +57,7 @@ def _sample_kernel(
     DIAG: tl.constexpr,
     NS_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROW_STREAMS: tl.constexpr = False,
 ):
     # part: (B, ns, 16) = q's (max, sum e, sum e ell, sum e lp), race (best value, best index), and for the
     # diagnostics log-sum-exps on the support of lp, lt, lp - a ell, lt + (1 - a) ell, and the support size.
@@ -66,9 +69,15 @@ def _sample_kernel(
     thr = 0
     if HAS_SUPPORT:
         thr = tl.load(thr_ptr + row).to(tl.int32)
-    step = tl.load(step_ptr)
+    if ROW_STREAMS:  # step, seed: (B,) per row; the Philox counter is the column alone
+        step = tl.load(step_ptr + row)
+        seed = tl.load(seed_ptr + row) + step * 1000003
+        counter0 = row * 0
+    else:  # step, seed: () for the batch; the counter includes the row
+        step = tl.load(step_ptr)
+        seed = tl.load(seed_ptr) + step * 1000003
+        counter0 = row * V
     a = tl.where(step < force_n, 1.0, tl.load(alpha_ptr + row))
-    seed = tl.load(seed_ptr) + step * 1000003
     z = tl.zeros((BLOCK,), tl.float32)
     m, s_x, s_ell, s_lp = z + M_INIT, z, z, z
     best, best_i = z + NEG_INF, z
@@ -77,7 +86,7 @@ def _sample_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, V)
     cols = start + tl.arange(0, BLOCK)
-    groups = row * V + start + 4 * tl.arange(0, BLOCK // 4)  # Philox counters of this block's groups of 4
+    groups = counter0 + start + 4 * tl.arange(0, BLOCK // 4)  # Philox counters of this block's groups of 4
     nxt_p = _load(pol_ptr, row, s_pol, cols, end)
     nxt_t = _load(tea_ptr, row, s_tea, cols, end)
     for _ in range(0, chunk, BLOCK):
@@ -138,6 +147,7 @@ def _epilogue_kernel(
     tok_ptr,
     ns,
     NS_PAD: tl.constexpr,
+    ROW_STREAMS: tl.constexpr = False,
 ):
     # rec: (13, B) float32 in the order of fused.RECORD_FIELDS; tok: (B,) int64.
     row = tl.program_id(0).to(tl.int64)
@@ -157,7 +167,10 @@ def _epilogue_kernel(
     token = tl.sum(tl.where(i == win, tl.load(base + 5, mask=live, other=0.0), 0.0), 0).to(tl.int64)
     lse_p = _combine_lse(stats_ptr, row, ns, 6, 0, NS_PAD)
     lse_t = _combine_lse(stats_ptr, row, ns, 6, 2, NS_PAD)
-    step = tl.load(step_ptr)
+    if ROW_STREAMS:
+        step = tl.load(step_ptr + row)
+    else:
+        step = tl.load(step_ptr)
     forced = step < force_n
     a = tl.where(forced, 1.0, tl.load(alpha_ptr + row))
     lp_tok = tl.load(pol_ptr + row * s_pol + token).to(tl.float32) * inv_temp - lse_p

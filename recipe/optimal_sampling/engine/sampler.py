@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .checks import check_max_new_tokens, check_models, check_prompts, check_seed, non_finite_rows, raise_non_finite
 from .config import SamplerConfig
-from .fast import resolve_backend
+from .fast import choose_backend
 from .prompts import stop_ids_for
 from .step import StepRecord, sample_step
 
@@ -88,7 +88,7 @@ class DualSampler:
         teacher_device = next(teacher_model.parameters()).device
         if teacher_device != self.device:
             raise ValueError(f"policy is on {self.device} but teacher on {teacher_device}: put both on one device")
-        self.backend = resolve_backend(backend, self.device, policy_model, teacher_model)
+        self.backend, self.backend_reason = choose_backend(backend, self.device, policy_model, teacher_model)
         self._fast: list = []  # [FastDualEngine] once built; a list so that `_with_config` clones share it
 
     @torch.no_grad()
@@ -165,6 +165,23 @@ class DualSampler:
             self.config.stop_token_ids,
             temperature,
         )
+
+    def continuous(self, slots: int, slot_len: int, check_every: int = 4):
+        """A `ContinuousBatcher` (`engine.fast.scheduler`) on this sampler's fast engine: requests stream into
+        `slots` fixed rows of `slot_len` tokens (prompt + response). Needs models the fast path implements; runs
+        CUDA graphs on CUDA and the kernels' torch twins elsewhere (slow: tests)."""
+        from .fast.scheduler import ContinuousBatcher
+
+        return ContinuousBatcher(self._fast_engine(), slots, slot_len, check_every)
+
+    def sleep(self) -> int:
+        """Free the fast engine's KV caches, buffers and graphs (the models stay); returns the bytes freed."""
+        return self._fast[0].sleep() if self._fast else 0
+
+    def wake(self) -> None:
+        """Take back what `sleep` freed (graphs are re-captured on first use)."""
+        if self._fast:
+            self._fast[0].wake()
 
     def _fast_engine(self):
         if not self._fast:

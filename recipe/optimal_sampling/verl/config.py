@@ -13,6 +13,7 @@ from ..engine import SamplerConfig
 from . import AGENT_LOOP_NAME, ENGINE_KWARGS_KEY, ROLLOUT_NAME, TRAINER_MODE
 from .is_checks import check_importance_weights
 
+ENGINES = ("auto", "fast", "reference")  # optimal_sampling.engine; fast = DualSampler backend "cuda_graph"
 SAMPLER_KEYS = ("alpha_method", "fixed_alpha", "force_teacher_tokens", "teacher_top_p", "stop_token_ids")
 
 
@@ -63,6 +64,22 @@ class OptimalSamplingConfig:
             "teacher_top_p): the same samples, the teacher's traces become NaN and its forward tokens 0"
         },
     )
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "decode engine of the servers: auto (the fast engine where it can run, else the reference path; "
+            "the choice and the reason are logged at start-up and logged as optimal_sampling/fast_engine), fast "
+            "(require it: start-up fails with the reason), reference"
+        },
+    )
+    continuous_batching: bool = field(
+        default=True,
+        metadata={
+            "help": "with the fast engine, requests stream into rollout.max_num_seqs fixed slots of "
+            "rollout.max_model_len (default prompt_length + response_length + 128) tokens while others decode; false "
+            "= one static batch per batch_window_ms"
+        },
+    )
 
     score_policy_samples: bool = field(
         default=False,
@@ -75,6 +92,8 @@ class OptimalSamplingConfig:
 
     def __post_init__(self):
         self.sampler_config()  # raises ValueError naming the bad field
+        if self.engine not in ENGINES:
+            raise ValueError(f"optimal_sampling.engine must be one of {ENGINES}, got {self.engine!r}")
         if self.policy_template is not None and "{prompt}" not in self.policy_template:
             raise ValueError(
                 f"optimal_sampling.policy_template must contain '{{prompt}}', got {self.policy_template!r}"
@@ -89,7 +108,7 @@ class OptimalSamplingConfig:
                 f"optimal_sampling.guided_per_prompt must be null (every response from q*) or an int >= 0 (that many "
                 f"responses per prompt from q*, the rest from the policy), got {k!r}"
             )
-        for name in ("validate_policy_only", "skip_unused_teacher", "score_policy_samples"):
+        for name in ("validate_policy_only", "skip_unused_teacher", "score_policy_samples", "continuous_batching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"optimal_sampling.{name} must be true or false, got {getattr(self, name)!r}")
 

@@ -6,9 +6,11 @@ by) plus the per-token traces and `global_steps` in `extra_fields`.
 Pipeline of one request:
 1) `generate` checks the sampling parameters, decides whether the request needs the teacher, queues it and awaits
    its future;
-2) `_drain` waits `batch_window_ms` for concurrent requests, takes up to `max_num_seqs` of them of one kind and runs
-   one `DualSampler.generate` (for policy-only requests `DualSampler.generate_policy_only`) in a worker thread (the
-   event loop keeps accepting requests);
+2) `_drain` waits `batch_window_ms` for concurrent requests, then, in a worker thread (the event loop keeps
+   accepting requests), serves the queued requests of the oldest request's kind: with the fast engine and
+   `continuous_batching` they stream into `max_num_seqs` fixed slots (`engine.fast.scheduler`; requests arriving
+   meanwhile take slots as they free up); otherwise up to `max_num_seqs` of them run as one `DualSampler.generate`
+   (for policy-only requests `DualSampler.generate_policy_only`);
 3) each row is cut to its own token budget and returned as a `TokenOutput`, with the forward tokens each model spent
    on it.
 
@@ -27,6 +29,7 @@ end of the sync. Knows nothing about trainers, datasets or prompts' text: prompt
 import asyncio
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +39,8 @@ from verl.workers.config import HFModelConfig
 from verl.workers.rollout.replica import TokenOutput
 
 from ..engine import DualSample, DualSampler, SamplerConfig, stop_ids_for
-from ..engine.policy_only import ignores_teacher
+from ..engine.fast import fast_path_reasons
+from ..engine.policy_only import ignores_teacher, policy_only_config
 from ..engine.scoring import teacher_logprobs
 from .config import OptimalSamplingConfig
 
@@ -47,6 +51,9 @@ TRACE_KEYS = ("logp_policy", "logp_teacher", "alpha", "forced", "support_size")
 DIAGNOSTIC_KEYS = ("kl_q_policy", "kl_q_teacher", "ess_policy", "ess_teacher", "entropy_q")
 FORWARD_TOKEN_KEYS = {"policy": "dual_policy_forward_tokens", "teacher": "dual_teacher_forward_tokens"}  # extra_fields
 GUIDED_KEY = "dual_guided"  # extra_fields: True when the response was sampled with the teacher (from q*)
+FAST_ENGINE_KEY = "dual_fast_engine"  # extra_fields: 1 when the fast engine sampled the response, else 0
+SLOT_MARGIN = 128  # slot tokens beyond prompt_length + response_length: the teacher's chat template is longer
+BACKEND_OF_ENGINE = {"auto": "auto", "fast": "cuda_graph", "reference": "reference"}  # optimal_sampling.engine
 
 
 @dataclass
@@ -83,6 +90,7 @@ class DualSamplerServer:
         # 1) models and tokenizers (the policy starts from its checkpoint; the first sync overwrites it)
         policy_path = model_config.local_path
         teacher_path = self.os_config.teacher_path
+        self._check_engine_before_loading(policy_path, teacher_path)
         self.policy = _load_model(policy_path, self.dtype, self.device)
         self.teacher = _load_model(teacher_path, self.dtype, self.device)
         tokenizer = AutoTokenizer.from_pretrained(model_config.local_tokenizer_path or policy_path)
@@ -91,9 +99,24 @@ class DualSamplerServer:
         eos = stop_ids_for(SamplerConfig(), tokenizer, teacher_tokenizer)
         sampler_config = self.os_config.sampler_config(self.config.temperature, eos)
         self.sampler = DualSampler(
-            self.policy, self.teacher, sampler_config, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer
+            self.policy,
+            self.teacher,
+            sampler_config,
+            tokenizer=tokenizer,
+            teacher_tokenizer=teacher_tokenizer,
+            backend=BACKEND_OF_ENGINE[self.os_config.engine],
         )
         self.max_batch = int(self.config.max_num_seqs)
+        self.fast_engine = self.sampler.backend == "cuda_graph"
+        logger.warning(
+            "dual server %d: %s engine (%s)", replica_rank, "fast" if self.fast_engine else "reference",
+            self.sampler.backend_reason,
+        )  # fmt: skip
+        rollout = self.config  # a slot holds max_model_len tokens, else a prompt, a response and the teacher's template
+        self.slot_len = int(rollout.max_model_len or rollout.prompt_length + rollout.response_length + SLOT_MARGIN)
+        self.batcher = self._make_batcher() if self.fast_engine and self.os_config.continuous_batching else None
+        self._pending_lock = threading.Lock()  # _pending is shared with the worker thread of a continuous serve
+        self._seeds = 0
         # 3) when the teacher can be left out (see the module docstring)
         self.teacher_unused = self.os_config.skip_unused_teacher and ignores_teacher(sampler_config)
         self._policy_only_validation = False  # switched by the trainer around validation
@@ -136,17 +159,31 @@ class DualSamplerServer:
         temperature = float(sampling_params.get("temperature", self.config.temperature))
         policy_only = validating or self.teacher_unused or bool(policy_only) or self._past_guided_limit(group_index)
         score = policy_only and not validating and self.os_config.score_policy_samples
-        self._pending.append(
-            _Request(list(prompt_ids), list(teacher_prompt_ids), max_tokens, future, policy_only, temperature, score)
+        request = _Request(
+            list(prompt_ids), list(teacher_prompt_ids), max_tokens, future, policy_only, temperature, score
         )
+        if self.batcher is not None:  # too long for a slot: this request fails now, naming the sizes
+            try:
+                self.batcher.check([self._slot_request(request)], self._mode(request))
+            except ValueError as e:
+                raise ValueError(
+                    f"{e} (a slot holds actor_rollout_ref.rollout.max_model_len tokens, default prompt_length + "
+                    f"response_length + {SLOT_MARGIN}: raise max_model_len)"
+                ) from None
+        with self._pending_lock:
+            self._pending.append(request)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
-        """Serve queued requests in batches until the queue is empty."""
+        """Serve queued requests in batches (or streamed through the slots) until the queue is empty."""
         while self._pending:
             await asyncio.sleep(self.os_config.batch_window_ms / 1000)
+            if self.batcher is not None:
+                async with self._lock():
+                    await asyncio.to_thread(self._serve_continuous, self._pending[0].kind, asyncio.get_running_loop())
+                continue
             batch = self._take_batch()
             try:
                 async with self._lock():
@@ -157,14 +194,91 @@ class DualSamplerServer:
                     request.future.set_exception(e)
                 continue
             for i, request in enumerate(batch):
-                request.future.set_result(self._token_output(sample, i, request))
+                request.future.set_result(self._token_output(sample.row(i), request))
 
-    def _take_batch(self) -> list[_Request]:
-        """Up to `max_num_seqs` queued requests of the oldest request's kind, in arrival order."""
-        kind = self._pending[0].kind
-        batch = [r for r in self._pending if r.kind == kind][: self.max_batch]
-        taken = {id(r) for r in batch}
-        self._pending = [r for r in self._pending if id(r) not in taken]
+    def _serve_continuous(self, kind: tuple, loop: asyncio.AbstractEventLoop) -> None:
+        """(worker thread) Stream the queued requests of `kind`, and those arriving meanwhile, through the slots;
+        each future gets its TokenOutput, or the error if the engine fails."""
+        taken: dict[int, _Request] = {}  # pulled, not yet answered
+
+        def pull(n: int) -> list:
+            batch = self._take_batch(kind, n)
+            taken.update((id(r), r) for r in batch)
+            return [self._slot_request(r, self._next_seed()) for r in batch]
+
+        def deliver(slot_request, row: dict) -> None:
+            request = taken.pop(id(slot_request.tag))
+            try:
+                result, error = self._token_output(self._score_row(request, row), request), None
+            except Exception as e:  # this request sees it; the others go on
+                result, error = None, e
+            loop.call_soon_threadsafe(_resolve, request.future, result, error)
+
+        self._batches += 1
+        try:
+            self.batcher.serve(pull, deliver, self._config(kind), self._mode(kind))
+        except Exception as e:  # every request in flight sees the error; queued ones get the next serve
+            logger.exception("dual sampler serve failed")
+            for request in taken.values():
+                loop.call_soon_threadsafe(_resolve, request.future, None, e)
+
+    def _make_batcher(self):
+        """The continuous batcher, its slots allocated now: a capacity that cannot fit fails at start-up."""
+        batcher = self.sampler.continuous(self.max_batch, self.slot_len)
+        try:
+            batcher.reserve()
+        except MemoryError as e:
+            raise MemoryError(
+                f"{e} (the slots are actor_rollout_ref.rollout.max_num_seqs={self.max_batch} x max_model_len="
+                f"{self.slot_len} tokens: lower max_num_seqs or max_model_len / prompt_length + response_length)"
+            ) from None
+        return batcher
+
+    def _slot_request(self, request: _Request, seed: int = 0):
+        from ..engine.fast.scheduler import Request
+
+        teacher_ids = None if request.policy_only else request.teacher_ids
+        return Request(request.policy_ids, teacher_ids, request.max_tokens, seed, tag=request)
+
+    def _next_seed(self) -> int:
+        from ..engine.fast.scheduler import request_seed
+
+        self._seeds += 1
+        return request_seed(int(self.config.seed) * 1_000_003 + self.replica_rank * 10_007, self._seeds)
+
+    def _mode(self, kind: tuple | _Request) -> str:
+        policy_only, temperature = kind.kind if isinstance(kind, _Request) else kind
+        return "dual" if not policy_only else "policy" if temperature > 0 else "greedy"
+
+    def _config(self, kind: tuple) -> SamplerConfig:
+        policy_only, temperature = kind
+        stops = self.sampler.config.stop_token_ids
+        return policy_only_config(temperature, stops) if policy_only else self.sampler.config
+
+    def _check_engine_before_loading(self, policy_path: str, teacher_path: str | None) -> None:
+        """engine=fast where the fast engine cannot run: fail before loading any weights, naming why."""
+        if self.os_config.engine != "fast" or teacher_path is None:
+            return
+        from transformers import AutoConfig
+
+        reasons = fast_path_reasons(
+            self.device, AutoConfig.from_pretrained(policy_path), AutoConfig.from_pretrained(teacher_path)
+        )
+        if reasons:
+            raise ValueError(
+                f"actor_rollout_ref.rollout.engine_kwargs.optimal_sampling.engine=fast but the fast engine cannot run "
+                f"here: {'; '.join(reasons)}. Use engine=auto (the reference path, slower) or models and a device it "
+                "supports"
+            )
+
+    def _take_batch(self, kind: tuple | None = None, n: int | None = None) -> list[_Request]:
+        """Up to n (default `max_num_seqs`) queued requests of `kind` (default: the oldest request's), in arrival
+        order."""
+        with self._pending_lock:
+            kind = self._pending[0].kind if kind is None else kind
+            batch = [r for r in self._pending if r.kind == kind][: self.max_batch if n is None else n]
+            taken = {id(r) for r in batch}
+            self._pending = [r for r in self._pending if id(r) not in taken]
         return batch
 
     def _run_batch(self, batch: list[_Request]) -> DualSample:
@@ -176,10 +290,11 @@ class DualSamplerServer:
             return self._score_with_teacher(batch, sample)
         return self.sampler.generate(policy_ids, [r.teacher_ids for r in batch], max_new_tokens, seed=seed)
 
-    def _token_output(self, sample: DualSample, i: int, request: _Request) -> TokenOutput:
-        n = min(len(sample.token_ids[i]), request.max_tokens)
-        traces = {TRACE_PREFIX + k: [float(x) for x in getattr(sample, k)[i][:n]] for k in TRACE_KEYS}
-        traces.update({TRACE_PREFIX + k: sample.diagnostics[k][i][:n] for k in DIAGNOSTIC_KEYS})
+    def _token_output(self, row: dict, request: _Request) -> TokenOutput:
+        """One response (`DualSample.row`) cut to the request's token budget."""
+        n = min(len(row["token_ids"]), request.max_tokens)
+        traces = {TRACE_PREFIX + k: [float(x) for x in row[k][:n]] for k in TRACE_KEYS}
+        traces.update({TRACE_PREFIX + k: row[k][:n] for k in DIAGNOSTIC_KEYS})
         # forward tokens: the prompt's positions (prefill) plus the n - 1 response tokens fed back in decode
         teacher_ran = not request.policy_only or request.score  # decoded with q*, or scored by a prefill
         forward = {
@@ -187,10 +302,16 @@ class DualSamplerServer:
             FORWARD_TOKEN_KEYS["teacher"]: len(request.teacher_ids) + n - 1 if teacher_ran else 0,
         }
         return TokenOutput(
-            token_ids=sample.token_ids[i][:n],
-            log_probs=sample.logp_q[i][:n],
+            token_ids=row["token_ids"][:n],
+            log_probs=row["logp_q"][:n],
             stop_reason="completed",
-            extra_fields={"global_steps": self.global_steps, **traces, **forward, GUIDED_KEY: not request.policy_only},
+            extra_fields={
+                "global_steps": self.global_steps,
+                **traces,
+                **forward,
+                GUIDED_KEY: not request.policy_only,
+                FAST_ENGINE_KEY: int(self.fast_engine),
+            },
         )
 
     def _lock(self) -> asyncio.Lock:
@@ -213,6 +334,16 @@ class DualSamplerServer:
         for i, row in zip(rows, scores, strict=True):
             sample.logp_teacher[i] = row + sample.logp_teacher[i][len(row) :]
         return sample
+
+    def _score_row(self, request: _Request, row: dict) -> dict:
+        """`_score_with_teacher` for one streamed row (continuous batching delivers rows one at a time)."""
+        if not request.score:
+            return row
+        response = row["token_ids"][: request.max_tokens]
+        (scores,) = teacher_logprobs(
+            self.teacher, [request.teacher_ids], [response], self.config.temperature, self.sampler.vocab_size
+        )
+        return {**row, "logp_teacher": list(scores) + list(row["logp_teacher"][len(scores) :])}
 
     async def set_guided_limit(self, limit: int | None) -> None:
         """Responses whose index in their group is >= `limit` are sampled from the policy alone (the trainer's
@@ -263,13 +394,19 @@ class DualSamplerServer:
     # ---- memory and control (RolloutReplica calls these on every server) ------------------------------------------
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
-        """Weights never leave the device (the teacher is frozen and the policy copy is overwritten in place)."""
+        """Take back the fast engine's KV caches and buffers (weights never leave the device: the teacher is frozen
+        and the policy copy is overwritten in place)."""
+        async with self._lock():
+            self.sampler.wake()
 
     async def sleep(self) -> None:
-        """Free cached KV memory for the trainer; both models stay resident."""
+        """Free the fast engine's KV caches, buffers and graphs and cached memory for the trainer; both models stay
+        resident."""
         async with self._lock():
+            freed = self.sampler.sleep()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+                logger.info("dual server %d asleep: %.2f GiB of engine state freed", self.replica_rank, freed / 2**30)
 
     async def clear_kv_cache(self) -> None:
         await self.sleep()
@@ -278,7 +415,7 @@ class DualSamplerServer:
         await self.sleep()
 
     async def resume_kv_cache(self) -> None:
-        """KV caches are allocated per batch; nothing to restore."""
+        await self.wake_up()
 
     async def abort_all_requests(self, reject_request: bool = False) -> dict:
         """Sync training never aborts; requests already queued finish normally."""
@@ -295,6 +432,12 @@ class DualSamplerServer:
 
     async def ping(self) -> str:
         return f"dual server {self.replica_rank} on {self.device}"
+
+
+def _resolve(future: asyncio.Future, result, error: Exception | None) -> None:
+    """(event loop) Answer a request unless its caller has gone."""
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(result)
 
 
 def _load_model(path: str, dtype: torch.dtype, device: torch.device):

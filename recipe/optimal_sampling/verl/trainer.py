@@ -33,7 +33,7 @@ from . import TRAINER_MODE
 from .agent_loop import TRACE_FIELDS
 from .config import OptimalSamplingConfig
 from .guided import GUIDED_ESTIMATOR, guided_step, policy_reward_mean, read_step_inputs
-from .server import FORWARD_TOKEN_KEYS, GUIDED_KEY, TRACE_PREFIX
+from .server import FAST_ENGINE_KEY, FORWARD_TOKEN_KEYS, GUIDED_KEY, TRACE_PREFIX
 
 
 def step_metrics(fields: dict[str, Tensor], response_mask: Tensor) -> dict[str, float]:
@@ -58,6 +58,9 @@ def forward_token_metrics(extra_fields: list[dict]) -> dict[str, float]:
         values = [e.get(key) for e in extra_fields]
         assert all(v is not None for v in values), f"responses without {key}: {values.count(None)} of {len(values)}"
         out[f"{PREFIX}{model}_forward_tokens"] = float(sum(values))
+    engines = [e.get(FAST_ENGINE_KEY) for e in extra_fields if e.get(FAST_ENGINE_KEY) is not None]
+    if engines:  # 1 when the fast engine sampled every response of the step, 0 when the reference path did any
+        out[PREFIX + "fast_engine"] = float(min(engines))
     return out
 
 

@@ -25,11 +25,32 @@ from ..config import SamplerConfig
 from ..sampler import DIAGNOSTIC_FIELDS, TEACHER_FIELDS, TRACE_FIELDS, DualSample
 from ..step import sample_step
 from .model import StaticQwen3
+from .vmm import SleepableBuffer, unavailable_reason
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MODES = ("dual", "policy", "greedy")  # both models / the policy alone, sampled / the policy alone, argmax
 SEQ_ROUND, STEP_ROUND = 64, 128  # capacities grow in these steps, so that nearby requests reuse the graphs
 _ROW = {name: i for i, name in enumerate(RECORD_FIELDS)}
+
+
+def reference_record(logits: list[Tensor], config: SamplerConfig, step, generator) -> tuple[Tensor, Tensor]:
+    """Without Triton (CPU): `sample_step` on materialised log-probs, packed like the fused record.
+    logits: [policy, teacher] (B, V) each. Returns token (B,) and record (F, B) float32."""
+    rec = sample_step(logits[0], logits[1], step, config, generator)
+    nan = [lg.isnan().any(-1).float() for lg in logits]  # (B,) each
+    rows = [rec.logp_q, rec.logp_policy, rec.logp_teacher, rec.alpha, rec.forced.float(), rec.support_size.float()]
+    rows += [rec.diagnostics[name] for name in DIAGNOSTIC_FIELDS] + nan
+    return rec.token, torch.stack(rows).float()  # (B,), (F, B)
+
+
+def greedy_record(logits_policy: Tensor, record: Tensor) -> Tensor:
+    """The argmax instead of the draw: a point mass (log q* = 0, support 1). Rewrites record (F, B) in place and
+    returns the argmax tokens (B,)."""
+    token = logits_policy.argmax(-1)  # (B,)
+    record[_ROW["logp_policy"]] = logits_policy.float().log_softmax(-1).gather(-1, token[:, None])[:, 0]
+    record[_ROW["logp_q"]] = 0.0
+    record[_ROW["support_size"]] = 1.0
+    return token
 
 
 def bucket_for(batch: int) -> int:
@@ -43,11 +64,13 @@ def bucket_for(batch: int) -> int:
 class _State:
     """Every tensor a captured step reads or writes, allocated once per capacity (graphs hold their addresses)."""
 
-    def __init__(self, models: tuple[StaticQwen3, StaticQwen3], batch: int, seq: int, steps: int, vocab: int):
+    def __init__(self, models: tuple, batch: int, seq: int, steps: int, vocab: int, sleepable: bool = False):
         dev = models[0].embed.device
         self.batch, self.seq, self.steps = batch, seq, steps
-        for m in models:
-            m.allocate(batch, seq)
+        # sleepable: the KV caches live in memory whose pages `sleep` can release at fixed addresses (vmm)
+        self.buffers = [SleepableBuffer(m.cache_bytes(batch, seq), dev) for m in models] if sleepable else []
+        for m, buf in zip(models, self.buffers or [None] * len(models), strict=True):
+            m.allocate(batch, seq, None if buf is None else buf.tensor)
         self.logits = [torch.zeros(batch, vocab, dtype=m.dtype, device=dev) for m in models]  # (B, V) each
         self.pos = [torch.zeros(batch, dtype=torch.long, device=dev) for _ in models]  # (B,) next cache slot
         self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)  # (B,)
@@ -55,13 +78,19 @@ class _State:
         self.seed = torch.zeros((), dtype=torch.long, device=dev)  # ()
         self.trace = torch.zeros(len(RECORD_FIELDS), batch, steps, dtype=torch.float32, device=dev)  # (F, B, T)
         self.tokens = torch.zeros(batch, steps, dtype=torch.long, device=dev)  # (B, T)
+        # continuous batching (`slots`): each row's own request
+        self.row_step = torch.zeros(batch, dtype=torch.long, device=dev)  # (B,) tokens the row's request has
+        self.row_seed = torch.zeros(batch, dtype=torch.long, device=dev)  # (B,) the request's seed
+        self.limit = torch.zeros(batch, dtype=torch.long, device=dev)  # (B,) the request's max_new_tokens
 
 
 class FastDualEngine:
     """Static caches + CUDA graphs for two Qwen3 models sampling from q* in lockstep (see the module docstring).
 
     use_graphs: capture steps in CUDA graphs (default: on CUDA). check_every: steps between host checks for
-    "all rows finished". diagnostics: compute the five per-token diagnostics (cheap: sums in the sampling pass)."""
+    "all rows finished". diagnostics: compute the five per-token diagnostics (cheap: sums in the sampling pass).
+    keep_graphs_on_sleep: put the KV caches in CUDA virtual memory (`vmm`) so that `sleep` releases their pages
+    at fixed addresses and the graphs survive it (else `sleep` drops caches and graphs; `sleep_mode` says which)."""
 
     def __init__(
         self,
@@ -71,6 +100,7 @@ class FastDualEngine:
         use_graphs: bool | None = None,
         check_every: int = 8,
         diagnostics: bool = True,
+        keep_graphs_on_sleep: bool = False,
     ):
         self.device = next(policy.parameters()).device
         self.fused = fused_available(self.device)
@@ -84,6 +114,10 @@ class FastDualEngine:
         self.warmup_seconds: dict[tuple[int, SamplerConfig, str], float] = {}  # capture cost per graph key
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stops: dict[SamplerConfig, Tensor] = {}
+        self._asleep: tuple[int, int, int] | None = None  # the capacity to take back on `wake`
+        vmm_reason = unavailable_reason(self.device) if self.use_graphs else "no CUDA graphs to keep"
+        self.sleep_mode = "keep_graphs" if keep_graphs_on_sleep and vmm_reason is None else "drop"
+        self.sleep_mode_reason = vmm_reason if keep_graphs_on_sleep and vmm_reason else None
 
     # ------------------------------------------------------------------------------------------------- public
     @torch.no_grad()
@@ -124,6 +158,8 @@ class FastDualEngine:
         """Make room for `batch` rows of `seq` cache slots and `steps` trace columns; raises MemoryError early
         (naming the memory needed) when the caches cannot fit next to the models."""
         s = self.state
+        if s is not None and s.buffers:  # keep_graphs sleep: map the caches back before anything runs
+            self.wake()
         if s is not None and batch <= s.batch and seq <= s.seq and steps <= s.steps:
             return
         batch = max(batch, s.batch if s else 0)
@@ -133,7 +169,40 @@ class FastDualEngine:
         self.state, self.graphs = None, {}
         if self.use_graphs:  # the old graphs are gone: a fresh pool (reusing a released one trips the allocator)
             self._pool = torch.cuda.graph_pool_handle()
-        self.state = _State(self.models, batch, seq, steps, self.vocab_size)
+        self.state = _State(self.models, batch, seq, steps, self.vocab_size, self.sleep_mode == "keep_graphs")
+
+    def sleep(self) -> int:
+        """Free memory for the trainer's phase; `wake` (or any decode) takes the same capacity back. Returns the bytes
+        freed. sleep_mode "drop": the whole static state (both KV caches, logits, traces) and the CUDA graphs with
+        their pool; graphs are re-captured on first use after waking (`warmup_seconds` says what a capture costs).
+        sleep_mode "keep_graphs": the KV caches' pages only; their addresses, the graphs and the small buffers stay."""
+        st = self.state
+        if st is None:
+            return 0
+        freed = sum(m.cache_bytes(st.batch, st.seq) for m in self.models)
+        if st.buffers:  # keep_graphs: release the caches' pages only; graphs and the other buffers stay
+            for buf in st.buffers:
+                buf.sleep()
+            return freed
+        freed += sum(t.numel() * t.element_size() for t in (*st.logits, st.trace, st.tokens))
+        self._asleep = (st.batch, st.seq, st.steps)
+        self.state, self.graphs = None, {}
+        for m in self.models:
+            m.k_cache = m.v_cache = None
+        if self.use_graphs:
+            self._pool = torch.cuda.graph_pool_handle()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        return freed
+
+    def wake(self) -> None:
+        """Take back what `sleep` freed (raises MemoryError, naming the sizes, if it no longer fits)."""
+        if self.state is not None:
+            for buf in self.state.buffers:
+                buf.wake()
+        elif self._asleep is not None:
+            self.reserve(*self._asleep)
+        self._asleep = None
 
     # ------------------------------------------------------------------------------------------ the step
     def _step(self, bucket: int, config: SamplerConfig, host_step: int | None = None, mode: str = "dual") -> None:
@@ -157,12 +226,9 @@ class FastDualEngine:
                 diagnostics=self.diagnostics,
             )  # fmt: skip  (bucket,), (F, bucket)
         else:
-            token, record = self._reference_step(logits, config, host_step)
-        if mode == "greedy":  # the argmax instead of the draw: a point mass (log q* = 0, support 1)
-            token = logits[0].argmax(-1)  # (bucket,)
-            record[_ROW["logp_policy"]] = logits[0].float().log_softmax(-1).gather(-1, token[:, None])[:, 0]
-            record[_ROW["logp_q"]] = 0.0
-            record[_ROW["support_size"]] = 1.0
+            token, record = reference_record(logits, config, host_step, self._generator)
+        if mode == "greedy":
+            token = greedy_record(logits[0], record)
         # 2) bookkeeping
         finished = st.finished[:bucket]
         token = torch.where(finished, torch.zeros_like(token), token)  # (bucket,)
@@ -182,44 +248,39 @@ class FastDualEngine:
             self._stops[config] = torch.tensor(config.stop_token_ids, dtype=torch.long, device=self.device)
         return self._stops[config]
 
-    def _reference_step(self, logits: list[Tensor], config: SamplerConfig, step: int) -> tuple[Tensor, Tensor]:
-        """Without Triton (CPU): `sample_step` on materialised log-probs, packed like the fused record."""
-        rec = sample_step(logits[0], logits[1], step, config, self._generator)
-        nan = [lg.isnan().any(-1).float() for lg in logits]  # (B,) each
-        rows = [rec.logp_q, rec.logp_policy, rec.logp_teacher, rec.alpha, rec.forced.float(), rec.support_size.float()]
-        rows += [rec.diagnostics[name] for name in DIAGNOSTIC_FIELDS] + nan
-        return rec.token, torch.stack(rows).float()  # (B,), (F, B)
-
     def _step_fn(self, bucket: int, config: SamplerConfig, mode: str = "dual"):
         """A callable(step) running one step: a CUDA graph replay (captured on first use) or an eager step."""
         if not self.use_graphs:
             return lambda step: self._step(bucket, config, step, mode)
         key = (bucket, config, mode)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            self.graphs[key] = self.capture(key, lambda: self._step(bucket, config, mode=mode))
         return lambda step: self.graphs[key].replay()
 
-    def _capture(self, bucket: int, config: SamplerConfig, mode: str) -> torch.cuda.CUDAGraph:
-        """Warm up (compiles kernels on first use) on dummy state, then capture one step."""
+    def capture(self, key: tuple, step) -> torch.cuda.CUDAGraph:
+        """Warm up step() (compiles kernels on first use) on dummy state, then capture one call of it. The per-call
+        state is zeroed before and after (every row finished): callers set it up after capturing."""
         t0 = time.perf_counter()
-        st = self.state
-        for pos, lg in zip(st.pos, st.logits, strict=True):
-            pos.zero_()
-            lg.zero_()
-        st.step.zero_()
-        st.finished.zero_()
+        self._zero_state()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(bucket, config, mode=mode)
+                step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(bucket, config, mode=mode)
+            step()
         torch.cuda.synchronize()
-        self.warmup_seconds[(bucket, config, mode)] = time.perf_counter() - t0
+        self._zero_state()
+        self.warmup_seconds[key] = time.perf_counter() - t0
         return graph
+
+    def _zero_state(self) -> None:
+        st = self.state
+        for t in (*st.pos, *st.logits, st.step, st.row_step, st.row_seed, st.limit):
+            t.zero_()
+        st.finished.fill_(True)
 
     # ------------------------------------------------------------------------------------------- per call
     def _reset(self, prompts: tuple, bucket: int, seed: int) -> None:

@@ -21,9 +21,9 @@ from . import kernels as K
 PREFILL_TOKENS = 8192  # rows x tokens per prefill chunk: bounds the activations of one chunk
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why `StaticQwen3` cannot run this model (None when it can)."""
-    cfg = getattr(model, "config", None)
+def unsupported_reason(model) -> str | None:
+    """Why `StaticQwen3` cannot run this model (an HF model or its config; None when it can)."""
+    cfg = getattr(model, "config", model)
     if getattr(cfg, "model_type", None) != "qwen3":
         return f"model_type is {getattr(cfg, 'model_type', None)!r}, the fast path implements 'qwen3'"
     if getattr(cfg, "attention_bias", False):
@@ -105,12 +105,19 @@ class StaticQwen3:
         """Bytes of K and V caches for `batch` rows of `seq` slots."""
         return 2 * len(self.layers) * batch * self.n_kv * seq * self.head_dim * self.embed.element_size()
 
-    def allocate(self, batch: int, seq: int) -> None:
-        """(Re)allocate the caches for (batch, seq); the old ones are freed first."""
+    def allocate(self, batch: int, seq: int, storage: Tensor | None = None) -> None:
+        """(Re)allocate the caches for (batch, seq); the old ones are freed first. storage: zeroed uint8 memory of
+        at least cache_bytes(batch, seq) to carve them from (e.g. a `vmm.SleepableBuffer`), else torch allocates."""
         self.k_cache = self.v_cache = None
         shape = (len(self.layers), batch, self.n_kv, seq, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.embed.device)  # (L, B, KVH, S, D)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.embed.device)  # (L, B, KVH, S, D)
+        if storage is None:
+            self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.embed.device)  # (L, B, KVH, S, D)
+            self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.embed.device)  # (L, B, KVH, S, D)
+            return
+        n = self.cache_bytes(batch, seq) // 2
+        assert storage.dtype == torch.uint8 and storage.numel() >= 2 * n, f"{storage.shape=} {n=}"
+        self.k_cache = storage[:n].view(self.dtype).view(shape)
+        self.v_cache = storage[n : 2 * n].view(self.dtype).view(shape)
 
     # ---------------------------------------------------------------------------------------------- forward
     def _layers(self, x: Tensor, rows: Tensor, pos: Tensor, attend) -> Tensor:
@@ -154,9 +161,10 @@ class StaticQwen3:
         torch.mm(h, self.head.t(), out=out)
 
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], out: Tensor) -> Tensor:
-        """Run each row's prompt into cache rows 0..len(prompts)-1 (slots 0..len-1) in chunks of rows x tokens,
-        and write the last prompt position's logits into out (B, V). Returns lengths (B,) int64 (the next slot)."""
+    def prefill(self, prompts: list[list[int]], out: Tensor, rows: list[int] | None = None) -> Tensor:
+        """Run each prompt into its cache row (rows[b]; default rows 0..len(prompts)-1), slots 0..len-1, in chunks
+        of rows x tokens, and write the last prompt position's logits into out[b] (out: (B, V), the model dtype).
+        Returns lengths (B,) int64 (the next slot)."""
         dev = self.embed.device
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)  # (B,)
         longest = max(len(p) for p in prompts)
@@ -167,28 +175,37 @@ class StaticQwen3:
         row_chunk = max(1, PREFILL_TOKENS // tok_chunk)
         for r0 in range(0, len(prompts), row_chunk):
             r1 = min(len(prompts), r0 + row_chunk)
+            sel = slice(r0, r1) if rows is None else torch.tensor(rows[r0:r1], dtype=torch.long, device=dev)
             last = torch.zeros(r1 - r0, self.embed.shape[1], dtype=self.dtype, device=dev)  # (R, C)
             for t0 in range(0, max(len(p) for p in prompts[r0:r1]), tok_chunk):
                 t1 = min(longest, t0 + tok_chunk)
-                h = self._prefill_chunk(ids[r0:r1, t0:t1], r0, t0)  # (R, T, C)
+                h = self._prefill_chunk(ids[r0:r1, t0:t1], sel, t0)  # (R, T, C)
                 idx = (lengths[r0:r1] - 1 - t0).clamp(0, t1 - t0 - 1)  # (R,)
                 here = (lengths[r0:r1] - 1 >= t0) & (lengths[r0:r1] - 1 < t1)  # (R,)
                 last = torch.where(here[:, None], h[torch.arange(r1 - r0, device=dev), idx], last)
             torch.mm(last, self.head.t(), out=out[r0:r1])
         return lengths
 
-    def _prefill_chunk(self, ids: Tensor, r0: int, t0: int) -> Tensor:
-        """Tokens ids (R, T) at slots t0..t0+T-1 of cache rows r0..r0+R-1, causal over slots [0, t0 + T)."""
+    def copy_rows(self, src: list[int], dst: list[int], length: list[int]) -> None:
+        """Copy cache slots [0, length[i]) of row src[i] into row dst[i] (a shared prompt's prefill, reused)."""
+        for s, d, n in zip(src, dst, length, strict=True):
+            self.k_cache[:, d, :, :n] = self.k_cache[:, s, :, :n]  # (L, KVH, n, D)
+            self.v_cache[:, d, :, :n] = self.v_cache[:, s, :, :n]
+
+    def _prefill_chunk(self, ids: Tensor, sel: slice | Tensor, t0: int) -> Tensor:
+        """Tokens ids (R, T) at slots t0..t0+T-1 of cache rows sel (a slice or (R,) row indices), causal over slots
+        [0, t0 + T)."""
         R, T = ids.shape
         dev = ids.device
-        rows = (r0 + torch.arange(R, device=dev)).repeat_interleave(T)  # (R T,)
+        row_ids = torch.arange(sel.start, sel.stop, device=dev) if isinstance(sel, slice) else sel  # (R,)
+        rows = row_ids.repeat_interleave(T)  # (R T,)
         pos = (t0 + torch.arange(T, device=dev)).repeat(R)  # (R T,)
         causal = torch.ones(T, t0 + T, dtype=torch.bool, device=dev).tril(diagonal=t0)  # (T, t0 + T)
         G = self.n_heads // self.n_kv
 
         def attend(i: int, q: Tensor) -> Tensor:
-            keys = self.k_cache[i, r0 : r0 + R, :, : t0 + T].repeat_interleave(G, dim=1)  # (R, H, t0 + T, D)
-            vals = self.v_cache[i, r0 : r0 + R, :, : t0 + T].repeat_interleave(G, dim=1)  # (R, H, t0 + T, D)
+            keys = self.k_cache[i, sel, :, : t0 + T].repeat_interleave(G, dim=1)  # (R, H, t0 + T, D)
+            vals = self.v_cache[i, sel, :, : t0 + T].repeat_interleave(G, dim=1)  # (R, H, t0 + T, D)
             q = q.view(R, T, self.n_heads, self.head_dim).transpose(1, 2)  # (R, H, T, D)
             out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=causal)  # (R, H, T, D)
             return out.transpose(1, 2).reshape(R * T, self.n_heads * self.head_dim)
