@@ -24,7 +24,8 @@ LOSSES_IGNORING_WEIGHTS = {
     "pi_old/q* shrinks the whole response's gradient",
 }
 
-# verl 0.9.1 advantage estimators that compare the responses of one prompt (they group by `uid`).
+# Advantage estimators that compare the responses of one prompt (they group by `uid`): verl 0.9.1's and the recipe's
+# own `optimal_sampling_guided` (recipe/optimal_sampling/verl/guided.py).
 GROUP_ESTIMATORS = (
     "gdpo",
     "gpg",
@@ -32,6 +33,7 @@ GROUP_ESTIMATORS = (
     "grpo_passk",
     "grpo_vectorized",
     "opo",
+    "optimal_sampling_guided",
     "optimal_token_baseline",
     "reinforce_plus_plus_baseline",
     "rloo",
