@@ -8,7 +8,6 @@ import os
 import sys
 
 from recipe.optimal_sampling.verl.config import check_teacher, check_trainer_config
-from recipe.optimal_sampling.verl.guided import check_guided_loss
 
 VERL_EXTRA = 'pip install -e ".[verl]" (verl[verl-core]==0.9.1; from a wheel: pip install "optimal-sampling[verl]")'
 
@@ -23,6 +22,8 @@ try:  # the `verl` extra: hydra, ray, verl and the verl-core modules verl's v1 t
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
+
+    from recipe.optimal_sampling.verl.guided import check_guided_loss  # registers the guided estimator (needs verl)
 except ImportError as e:
     if __name__ != "__main__":
         raise
