@@ -29,7 +29,8 @@ MASK_VALUE = -1e30  # finite, so that a fully masked (left-pad) query row gives 
 
 
 def snap_(t: Tensor, bits: int) -> Tensor:
-    """Round `t` in place to `bits` mantissa bits (round half to even): x = m · 2^e, m in [0.5, 1) -> round(m · 2^bits)."""
+    """Round `t` in place to `bits` mantissa bits (round half to even):
+    x = m · 2^e, m in [0.5, 1) -> round(m · 2^bits) / 2^bits · 2^e."""
     mantissa, exponent = torch.frexp(t)
     return t.copy_(torch.ldexp(torch.round(mantissa * 2.0**bits) / 2.0**bits, exponent))
 
@@ -64,7 +65,9 @@ class PortableQwen3(nn.Module):
 
     def __init__(self, config: Qwen3Config, seed: int):
         super().__init__()
-        assert config.hidden_act == "silu" and not config.attention_bias, f"{config.hidden_act=} {config.attention_bias=}"
+        assert config.hidden_act == "silu" and not config.attention_bias, (
+            f"{config.hidden_act=} {config.attention_bias=}"
+        )
         self.config = config
         rng = np.random.default_rng(seed)
         shapes = hf_parameter_shapes(config)
@@ -90,9 +93,12 @@ class PortableQwen3(nn.Module):
         cos, sin = self._rotary(position_ids)  # (B, 1, T, D) each
         h = self.p("model.embed_tokens.weight")[input_ids]  # (B, T, H)
         for i in range(cfg.num_hidden_layers):
-            h = h + self._attention(i, _rms_norm(h, self.p(f"model.layers.{i}.input_layernorm.weight"), cfg.rms_norm_eps),
-                                    cos, sin, allowed)
-            h = h + self._mlp(i, _rms_norm(h, self.p(f"model.layers.{i}.post_attention_layernorm.weight"), cfg.rms_norm_eps))
+            h = h + self._attention(
+                i, _rms_norm(h, self.p(f"model.layers.{i}.input_layernorm.weight"), cfg.rms_norm_eps), cos, sin, allowed
+            )
+            h = h + self._mlp(
+                i, _rms_norm(h, self.p(f"model.layers.{i}.post_attention_layernorm.weight"), cfg.rms_norm_eps)
+            )
         h = _rms_norm(h, self.p("model.norm.weight"), cfg.rms_norm_eps)
         head = self.p("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight")
         logits = h[:, -logits_to_keep:] @ head.T  # (B, T', V)
