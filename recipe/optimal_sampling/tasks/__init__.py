@@ -1,8 +1,10 @@
-"""The synthetic task of the demo and the experiments: multi-digit addition with a verifiable answer, a
-character-level tokenizer with a chat template, and a tiny Qwen3 teacher/policy pair trained on it (cached).
+"""The synthetic tasks of the demo and the experiments: multi-digit addition with a verifiable answer (`addition`,
+the demo's) or with a worked answer that writes each carry (`carry`, the guided testbed), a character-level
+tokenizer with a chat template, and a tiny Qwen3 teacher/policy pair per task trained on it (cached).
 
     from recipe.optimal_sampling.tasks import load_task_models, make_problems, policy_prompt, teacher_prompt
     task = load_task_models()                        # trains once (~5 CPU-minutes), then reads the cache
+    carry = load_task_models(task="carry")           # the guided testbed's pair (see models.TASK_MODELS)
     problems = make_problems(200, seed=0, split="test")
     policy_ids = task.tokenizer(policy_prompt(problems[0].question))["input_ids"]
     teacher_ids = task.tokenizer(teacher_prompt(problems[0].question, task.tokenizer))["input_ids"]
@@ -30,6 +32,7 @@ from recipe.optimal_sampling.tasks.models import (
     CACHE_ENV,
     DEFAULT_TRAIN_CONFIGS,
     MODEL_SIZES,
+    TASK_MODELS,
     TaskModels,
     TrainConfig,
     TrainResult,
@@ -38,6 +41,7 @@ from recipe.optimal_sampling.tasks.models import (
     tiny_qwen3_config,
     train_model,
 )
+from recipe.optimal_sampling.tasks.registry import ADDITION, CARRY, TASKS, TaskFormat, get_task
 from recipe.optimal_sampling.tasks.tokenizer import (
     CHAT_TEMPLATE,
     EOS_TOKEN,
@@ -50,7 +54,9 @@ from recipe.optimal_sampling.tasks.tokenizer import (
 )
 
 __all__ = [
+    "ADDITION",
     "CACHE_ENV",
+    "CARRY",
     "CHAT_TEMPLATE",
     "DEFAULT_TRAIN_CONFIGS",
     "EOS_TOKEN",
@@ -61,7 +67,10 @@ __all__ = [
     "ROLES",
     "SPLITS",
     "STOP_TOKENS",
+    "TASKS",
+    "TASK_MODELS",
     "Problem",
+    "TaskFormat",
     "TaskModels",
     "TrainConfig",
     "TrainResult",
@@ -70,6 +79,7 @@ __all__ = [
     "completion_text",
     "default_cache_dir",
     "extract_answer",
+    "get_task",
     "greedy_accuracy",
     "greedy_generate",
     "is_test_pair",

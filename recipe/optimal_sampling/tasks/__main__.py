@@ -1,4 +1,5 @@
-"""`python -m recipe.optimal_sampling.tasks [--retrain] [--cache-dir DIR]`: train (or load) the task models."""
+"""`python -m recipe.optimal_sampling.tasks [--task addition|carry] [--jobs 2] [--retrain] [--cache-dir DIR]`: train
+(or load) the task models."""
 
 from recipe.optimal_sampling.tasks.models import main
 

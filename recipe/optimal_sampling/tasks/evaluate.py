@@ -1,7 +1,8 @@
-"""Greedy evaluation of a causal LM on the addition task.
+"""Greedy evaluation of a causal LM on a task (the addition task by default, or any `registry.TaskFormat`).
 
 Owns: a simple batched greedy decoder (`greedy_generate`: left padding, attention mask, position ids, no
-KV cache) and the accuracy helpers built on it. Knows nothing about training, caching or the sampler.
+KV cache) and the accuracy helpers built on it; the task's format decides the reward and the new-token budget.
+Knows nothing about training, caching or the sampler.
 """
 
 from collections.abc import Sequence
@@ -9,7 +10,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from recipe.optimal_sampling.tasks.addition import Problem, prompt, reward
+from recipe.optimal_sampling.tasks.addition import Problem, prompt
+from recipe.optimal_sampling.tasks.registry import ADDITION, TaskFormat
 from recipe.optimal_sampling.tasks.tokenizer import stop_token_ids
 
 
@@ -61,29 +63,41 @@ def greedy_accuracy(
     problems: Sequence[Problem],
     stop_ids: Sequence[int] | None = None,
     batch_size: int = 200,
+    task: TaskFormat = ADDITION,
 ) -> float:
-    """Mean reward of the greedy completions of `prompts` (prompts[i] asks problems[i]).
+    """Mean `task.reward` of the greedy completions of `prompts` (prompts[i] asks problems[i]).
 
-    stop_ids: None means the task's stop tokens (`<eos>`, `<|im_end|>`)."""
+    stop_ids: None means the task's stop tokens (`<eos>`, `<|im_end|>`). The new-token budget follows the task
+    and the widest operand (`TaskFormat.max_new_tokens`): 8 for 3-digit addition, 13 for 5-digit worked answers."""
     if len(prompts) != len(problems) or not problems:
         raise ValueError(f"need as many prompts as problems, and at least one: {len(prompts)=} {len(problems)=}")
     stop_ids = stop_token_ids(tokenizer) if stop_ids is None else stop_ids
+    max_new_tokens = task.max_new_tokens(max(operand_digits(p) for p in problems))
     rewards: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        outs = greedy_generate(model, tokenizer, prompts[start : start + batch_size], stop_ids)
+        outs = greedy_generate(model, tokenizer, prompts[start : start + batch_size], stop_ids, max_new_tokens)
         chunk = problems[start : start + batch_size]
-        rewards += [reward(p, tokenizer.decode(o)) for p, o in zip(chunk, outs, strict=True)]
+        rewards += [task.reward(p, tokenizer.decode(o)) for p, o in zip(chunk, outs, strict=True)]
     return sum(rewards) / len(rewards)
 
 
+def operand_digits(problem: Problem) -> int:
+    """Digits of the widest operand of `problem`: "347+285" -> 3."""
+    return max(len(operand) for operand in problem.question.split("+"))
+
+
 def role_accuracy(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, role: str, problems: Sequence[Problem]
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    role: str,
+    problems: Sequence[Problem],
+    task: TaskFormat = ADDITION,
 ) -> float:
-    """`greedy_accuracy` of `model` on `problems`, each asked in `role`'s prompt format."""
+    """`greedy_accuracy` of `model` on `problems`, each asked in `role`'s prompt format, scored by `task`."""
     prompts = [prompt(role, p.question, tokenizer) for p in problems]
     was_training = model.training
     model.eval()
     try:
-        return greedy_accuracy(model, tokenizer, prompts, problems)
+        return greedy_accuracy(model, tokenizer, prompts, problems, task=task)
     finally:
         model.train(was_training)

@@ -1,9 +1,11 @@
-"""Tiny Qwen3 models trained from scratch on the addition task: a strong teacher and a weak policy.
+"""Tiny Qwen3 models trained from scratch on a task: a strong teacher and a weak policy.
 
-Owns: the two model sizes (`tiny_qwen3_config`), the training recipe (`TrainConfig`, `train_model`) and
-the on-disk cache (`load_task_models`). The teacher learns from chat-template prompts, the policy from the
-plain prompt; both learn the same completion (reversed sum + `<eos>`, see `addition.py`), with the loss
-on the completion tokens only.
+Owns: each task's two model sizes and train configs (`TASK_MODELS`: "addition", the demo's pair, and "carry", the
+guided testbed), the training recipe (`TrainConfig`, `train_model`) and the on-disk cache (`load_task_models`,
+one folder per task). The teacher learns from chat-template prompts, the policy from the plain prompt; both learn
+the same completion (the task's answer + `<eos>`, see `addition.py` and `carry.py`), with the loss on the
+completion tokens only. The rest of this docstring describes the addition pair; the carry pair is described
+next to `CARRY_TRAIN_CONFIGS`.
 
 Training is portable (`portable.py`: float64 arithmetic, PCG64 initialisation, weights and optimizer moments
 snapped to a grid after every step): the same configs give bit-identical weights on any machine, whatever its CPU,
@@ -34,11 +36,13 @@ import contextlib
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -54,9 +58,10 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from recipe.optimal_sampling.tasks.addition import ROLES, Problem, completion_text, make_problems, prompt
+from recipe.optimal_sampling.tasks.addition import ROLES, Problem, make_problems, prompt
 from recipe.optimal_sampling.tasks.evaluate import role_accuracy
 from recipe.optimal_sampling.tasks.portable import PortableQwen3
+from recipe.optimal_sampling.tasks.registry import ADDITION, TaskFormat, get_task
 from recipe.optimal_sampling.tasks.tokenizer import build_tokenizer
 
 # Per-role sizes: the teacher has 3 layers of width 48, the policy 2 layers of width 32.
@@ -73,9 +78,13 @@ def check_role(role: str) -> None:
         raise ValueError(f"role must be one of {ROLES}, got {role=!r}")
 
 
-def tiny_qwen3_config(vocab_size: int, role: str, pad_token_id: int = 0, eos_token_id: int = 1) -> Qwen3Config:
-    """A tiny `Qwen3Config` for `role` (see MODEL_SIZES): 4 heads, 2 KV heads, 128 positions, tied embeddings."""
+def tiny_qwen3_config(
+    vocab_size: int, role: str, pad_token_id: int = 0, eos_token_id: int = 1, task: str = "addition"
+) -> Qwen3Config:
+    """A tiny `Qwen3Config` for `role` of `task` (see TASK_MODELS): 4 heads, 2 KV heads, 128 positions, tied
+    embeddings."""
     check_role(role)
+    sizes = task_models_spec(task).sizes[role]
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size=}")
     return Qwen3Config(
@@ -92,7 +101,7 @@ def tiny_qwen3_config(vocab_size: int, role: str, pad_token_id: int = 0, eos_tok
         attention_bias=False,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        **MODEL_SIZES[role],
+        **sizes,
     )
 
 
@@ -130,12 +139,53 @@ DEFAULT_TRAIN_CONFIGS: dict[str, TrainConfig] = {
 }
 
 
-def policy_config(target_accuracy: float | None = None) -> TrainConfig | None:
-    """The policy's training settings with another early-stopping accuracy (None: the defaults, as `None` means to
-    `load_task_models`). A weaker policy makes a harder RL start: e.g. 0.03."""
+# The carry testbed (`carry.py`, 5-digit operands, 11-token worked answers): every head 16 or 32 wide, so the fast
+# CUDA-graph engine runs both (`engine.fast.model.unsupported_reason`). The teacher trains until it is right; the
+# policy stops at the validation check closest to 3%, checked every 5 steps on 500 problems: this shape learns the
+# worked format in one sharp jump, and the check just before it is a policy that rarely succeeds. Measured (portable
+# trainer, docs/experiments/guided/README.md): 0% until step 205, 2.0/2.4/5.2% at steps 370/375/380, kept step 375;
+# 1.6% greedy and pass@8 6.6% on held-out problems; learning the true answers gains only ~10 points in 200 steps.
+CARRY_MODEL_SIZES: dict[str, dict[str, int]] = {
+    "teacher": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, head_dim=32),
+    "policy": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, head_dim=16),
+}
+CARRY_TRAIN_CONFIGS: dict[str, TrainConfig] = {
+    "teacher": TrainConfig(steps=3000, seed=0, lr=3e-3, n_digits=5, target_accuracy=0.97, eval_every=50, n_eval=400),
+    "policy": TrainConfig(steps=4000, seed=1, lr=3e-3, n_digits=5, target_accuracy=0.03, eval_every=5, n_eval=500),
+}
+
+
+@dataclass(frozen=True)
+class TaskModelsSpec:
+    """What a task's pair is: its completion format, per-role model sizes and train configs, its cache folder."""
+
+    format: TaskFormat
+    sizes: dict[str, dict[str, int]]
+    train_configs: dict[str, TrainConfig]
+    cache_name: str  # the folder under the cache root
+
+
+CACHE_NAME = "task_models_v2"  # the addition pair's cache folder
+TASK_MODELS: dict[str, TaskModelsSpec] = {
+    "addition": TaskModelsSpec(ADDITION, MODEL_SIZES, DEFAULT_TRAIN_CONFIGS, CACHE_NAME),
+    "carry": TaskModelsSpec(get_task("carry"), CARRY_MODEL_SIZES, CARRY_TRAIN_CONFIGS, "carry_models_v1"),
+}
+
+
+def task_models_spec(task: str) -> TaskModelsSpec:
+    """The pair of `task` ("addition" or "carry"); a ValueError naming the known tasks otherwise."""
+    get_task(task)  # raises on an unknown name
+    if task not in TASK_MODELS:
+        raise ValueError(f"task {task!r} has no trained models: use one of {sorted(TASK_MODELS)}")
+    return TASK_MODELS[task]
+
+
+def policy_config(target_accuracy: float | None = None, task: str = "addition") -> TrainConfig | None:
+    """`task`'s policy training settings with another early-stopping accuracy (None: the defaults, as `None` means
+    to `load_task_models`). A weaker policy makes a harder RL start: e.g. 0.03."""
     if target_accuracy is None:
         return None
-    return replace(DEFAULT_TRAIN_CONFIGS["policy"], target_accuracy=target_accuracy)
+    return replace(task_models_spec(task).train_configs["policy"], target_accuracy=target_accuracy)
 
 
 @dataclass
@@ -163,16 +213,16 @@ def torch_threads(num_threads: int) -> Iterator[None]:
 
 
 def encode_examples(
-    problems: Sequence[Problem], role: str, tokenizer: PreTrainedTokenizerBase
+    problems: Sequence[Problem], role: str, tokenizer: PreTrainedTokenizerBase, task: TaskFormat = ADDITION
 ) -> tuple[Tensor, Tensor]:
-    """Prompt + completion ids, right-padded, and labels that are -100 except on the completion.
+    """Prompt + completion ids (`task`'s completion), right-padded, and labels that are -100 except on the completion.
 
     Returns input_ids (B, T) int64 and labels (B, T) int64. Right padding needs no attention mask in a
     causal model: pads only follow the real tokens, and their labels are ignored."""
     rows, labels = [], []
     for problem in problems:
         prompt_ids = tokenizer.encode(prompt(role, problem.question, tokenizer), add_special_tokens=False)
-        completion_ids = tokenizer.encode(completion_text(problem), add_special_tokens=False)
+        completion_ids = tokenizer.encode(task.completion_text(problem), add_special_tokens=False)
         rows.append(prompt_ids + completion_ids)
         labels.append([-100] * len(prompt_ids) + completion_ids)
     width = max(len(r) for r in rows)
@@ -194,15 +244,19 @@ def batch_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step - 1
 
 
-def new_model(role: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> Qwen3ForCausalLM:
-    """A freshly initialised (seeded, portable: `portable.py`) tiny float32 Qwen3 for `role`, sized for `tokenizer`."""
-    return new_portable_model(role, tokenizer, seed).to_hf()
+def new_model(role: str, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "addition") -> Qwen3ForCausalLM:
+    """A freshly initialised (seeded, portable: see `portable.py`) tiny float32 Qwen3 for `role` of `task`, sized for
+    `tokenizer`."""
+    return new_portable_model(role, tokenizer, seed, task).to_hf()
 
 
-def new_portable_model(role: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> PortableQwen3:
+def new_portable_model(
+    role: str, tokenizer: PreTrainedTokenizerBase, seed: int, task: str = "addition"
+) -> PortableQwen3:
     """The float64 training form of `new_model`."""
     check_role(role)
-    return PortableQwen3(tiny_qwen3_config(len(tokenizer), role, tokenizer.pad_token_id, tokenizer.eos_token_id), seed)
+    config = tiny_qwen3_config(len(tokenizer), role, tokenizer.pad_token_id, tokenizer.eos_token_id, task)
+    return PortableQwen3(config, seed)
 
 
 @dataclass
@@ -222,17 +276,21 @@ def closer_to_target(accuracy: float, best: "_Checkpoint | None", target: float 
     return abs(accuracy - target) < abs(best.accuracy - target)
 
 
-def train_model(role: str, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train a fresh tiny Qwen3 for `role` on the addition task; the same weights for the same `cfg` on any machine.
+def train_model(
+    role: str, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, progress: bool = True, task: str = "addition"
+) -> TrainResult:
+    """Train a fresh tiny Qwen3 for `role` on `task` ("addition" or "carry": its model sizes and completion format);
+    the same weights for the same `cfg` on any machine.
 
     Training runs in float64 on the CPU with portable arithmetic (`portable.py`); `cfg.num_threads` changes the
     speed, not the weights. With a target, training stops at the first check at or above it and returns the checked
     model closest to it (the check before a jump may be closer than the first check past it)."""
     check_role(role)
+    form = task_models_spec(task).format
     start = time.perf_counter()
     with torch_threads(cfg.num_threads):
         # 1) model, optimizer, schedule, validation problems
-        model = new_portable_model(role, tokenizer, cfg.seed).train()
+        model = new_portable_model(role, tokenizer, cfg.seed, task).train()
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay, foreach=False
         )
@@ -245,7 +303,7 @@ def train_model(role: str, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
         bar = tqdm(range(1, cfg.steps + 1), desc=f"train {role}", disable=not progress, mininterval=1.0)
         for step in bar:
             problems = make_problems(cfg.batch_size, seed=batch_seed(cfg.seed, step), n_digits=cfg.n_digits)
-            input_ids, labels = encode_examples(problems, role, tokenizer)  # (B, T), (B, T)
+            input_ids, labels = encode_examples(problems, role, tokenizer, form)  # (B, T), (B, T)
             loss = model(input_ids=input_ids, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -255,7 +313,7 @@ def train_model(role: str, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
             model.snap_(optimizer)
             losses.append(loss.item())
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                accuracy = role_accuracy(model, tokenizer, role, val_problems)
+                accuracy = role_accuracy(model, tokenizer, role, val_problems, form)
                 val_accuracy.append((step, accuracy))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{accuracy:.3f}")
                 # 3) keep the check closest to the target; stop at the first check at or past it
@@ -275,16 +333,16 @@ def train_model(role: str, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig,
 # The on-disk cache of the trained pair
 
 CACHE_ENV = "OPTIMAL_SAMPLING_CACHE"
-CACHE_NAME = "task_models_v2"
 CACHE_VERSION = 2
 N_TEST = 200  # held-out test problems evaluated after training (recorded in meta.json)
 
 
-def default_cache_dir() -> Path:
-    """`$OPTIMAL_SAMPLING_CACHE/task_models_v2` when the variable is set, else
-    `~/.cache/optimal_sampling/task_models_v2`."""
+def default_cache_dir(task: str = "addition") -> Path:
+    """`$OPTIMAL_SAMPLING_CACHE/<folder>` when the variable is set, else `~/.cache/optimal_sampling/<folder>`, the
+    folder being the task's (`task_models_v2` for addition, `carry_models_v1` for carry)."""
     root = os.environ.get(CACHE_ENV)
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "optimal_sampling") / CACHE_NAME
+    name = task_models_spec(task).cache_name
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "optimal_sampling") / name
 
 
 @dataclass
@@ -299,37 +357,54 @@ class TaskModels:
     n_digits: int  # digits per operand the pair was trained on
     trained: bool  # True when this call trained the pair, False when it came from the cache
     meta: dict = field(default_factory=dict)  # the cache's meta.json: configs, steps, seconds, test accuracy
+    task: str = "addition"  # the task the pair was trained on (see TASK_MODELS)
 
 
-def cache_key(configs: dict[str, TrainConfig]) -> dict:
-    """What a cache must have been trained with to be reused: version, model sizes, train configs."""
+def cache_key(configs: dict[str, TrainConfig], task: str = "addition") -> dict:
+    """What a cache must have been trained with to be reused: version, task, model sizes, train configs."""
     return {
         "version": CACHE_VERSION,
-        "model_sizes": MODEL_SIZES,
+        "task": task,
+        "model_sizes": task_models_spec(task).sizes,
         "train_configs": {role: asdict(cfg) for role, cfg in configs.items()},
     }
 
 
-def train_and_save(out_dir: Path, configs: dict[str, TrainConfig], progress: bool = True) -> dict:
-    """Train both roles, save each to `out_dir/<role>` (model + tokenizer), write and return meta.json."""
+def train_role(out_dir: Path, role: str, cfg: TrainConfig, task: str, progress: bool) -> dict:
+    """Train `role`, save it to `out_dir/<role>` (model + tokenizer), evaluate it on N_TEST test problems and return
+    its meta.json entry. A top-level function, so that a process pool can run the two roles side by side."""
     tokenizer = build_tokenizer()
-    meta = {**cache_key(configs), "results": {}}
-    for role in ("teacher", "policy"):
-        cfg = configs[role]
-        result = train_model(role, tokenizer, cfg, progress=progress)
-        result.model.save_pretrained(out_dir / role)
-        tokenizer.save_pretrained(out_dir / role)
-        with torch_threads(cfg.num_threads):
-            test_accuracy = role_accuracy(result.model, tokenizer, role, make_problems(N_TEST, 0, cfg.n_digits, "test"))
-        meta["results"][role] = {
-            "steps": result.steps,
-            "train_seconds": round(result.seconds, 2),
-            "final_loss": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 5),
-            "val_accuracy": [list(check) for check in result.val_accuracy],
-            "test_accuracy": test_accuracy,
-            "selected_step": result.selected_step,
-            "weights_sha256": weights_sha256(result.model),
-        }
+    result = train_model(role, tokenizer, cfg, progress=progress, task=task)
+    result.model.save_pretrained(out_dir / role)
+    tokenizer.save_pretrained(out_dir / role)
+    test = make_problems(N_TEST, 0, cfg.n_digits, "test")
+    with torch_threads(cfg.num_threads):
+        test_accuracy = role_accuracy(result.model, tokenizer, role, test, task_models_spec(task).format)
+    return {
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+        "final_loss": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 5),
+        "val_accuracy": [list(check) for check in result.val_accuracy],
+        "selected_step": result.selected_step,
+        "selected_accuracy": result.selected_accuracy,
+        "test_accuracy": test_accuracy,
+        "weights_sha256": weights_sha256(result.model),
+    }
+
+
+def train_and_save(
+    out_dir: Path, configs: dict[str, TrainConfig], progress: bool = True, task: str = "addition", jobs: int = 1
+) -> dict:
+    """Train both roles, save each to `out_dir/<role>` (model + tokenizer), write and return meta.json.
+    jobs: 2 trains the two roles in two processes at once (the same weights: training is deterministic)."""
+    roles = ("teacher", "policy")
+    args = ([out_dir] * 2, roles, [configs[r] for r in roles], [task] * 2, [progress] * 2)
+    if jobs > 1:
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            entries = list(pool.map(train_role, *args))
+    else:
+        entries = list(map(train_role, *args))
+    meta = {**cache_key(configs, task), "results": dict(zip(roles, entries, strict=True))}
     meta["train_seconds_total"] = round(sum(r["train_seconds"] for r in meta["results"].values()), 2)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
@@ -359,12 +434,13 @@ def _publish(tmp: Path, final: Path) -> None:
             raise
 
 
-def _read_cache(final: Path, configs: dict[str, TrainConfig]) -> dict | None:
-    """The cache's meta.json when `final` holds a complete cache trained with `configs`, else None."""
+def _read_cache(final: Path, configs: dict[str, TrainConfig], task: str = "addition") -> dict | None:
+    """The cache's meta.json when `final` holds a complete cache trained with `configs` on `task`, else None."""
     if not (final / "meta.json").exists():
         return None
     meta = json.loads((final / "meta.json").read_text())
-    key = json.loads(json.dumps(cache_key(configs)))  # JSON-normalised, as stored
+    meta.setdefault("task", "addition")  # caches written before tasks had names hold the addition pair
+    key = json.loads(json.dumps(cache_key(configs, task)))  # JSON-normalised, as stored
     if {k: meta.get(k) for k in key} != key:
         raise ValueError(
             f"the cache at {final} was trained with other settings ({meta.get('train_configs')}); "
@@ -380,31 +456,35 @@ def load_task_models(
     teacher_cfg: TrainConfig | None = None,
     policy_cfg: TrainConfig | None = None,
     progress: bool = True,
+    task: str = "addition",
+    jobs: int = 1,
 ) -> TaskModels:
-    """The trained teacher/policy pair: read from `cache_dir`, or trained (on CPU) and cached there first.
+    """The trained teacher/policy pair of `task`: read from `cache_dir`, or trained (on CPU) and cached there first.
 
-    cache_dir: None means `default_cache_dir()`. Training writes into a temporary sibling directory that
+    cache_dir: None means `default_cache_dir(task)`. Training writes into a temporary sibling directory that
     is renamed into place when complete, so an interrupted run never leaves a half-written cache.
-    teacher_cfg / policy_cfg: None means DEFAULT_TRAIN_CONFIGS; a cache trained otherwise is an error."""
+    teacher_cfg / policy_cfg: None means the task's configs (TASK_MODELS; DEFAULT_TRAIN_CONFIGS for addition); a
+    cache trained otherwise is an error. jobs: 2 trains the two roles side by side (see `train_and_save`)."""
     # 1) settings and where the cache lives
+    spec = task_models_spec(task)
     configs = {
-        "teacher": teacher_cfg or DEFAULT_TRAIN_CONFIGS["teacher"],
-        "policy": policy_cfg or DEFAULT_TRAIN_CONFIGS["policy"],
+        "teacher": teacher_cfg or spec.train_configs["teacher"],
+        "policy": policy_cfg or spec.train_configs["policy"],
     }
     if configs["teacher"].n_digits != configs["policy"].n_digits:
         raise ValueError(
             f"teacher and policy must share n_digits, got {configs['teacher'].n_digits} and "
             f"{configs['policy'].n_digits}"
         )
-    final = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    meta = None if retrain else _read_cache(final, configs)
+    final = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(task)
+    meta = None if retrain else _read_cache(final, configs, task)
     # 2) train into a temporary directory and publish it, unless a matching cache exists
     trained = meta is None
     if trained:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
-            meta = train_and_save(tmp, configs, progress)
+            meta = train_and_save(tmp, configs, progress, task, jobs)
             _publish(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -421,6 +501,7 @@ def load_task_models(
         configs["teacher"].n_digits,
         trained,
         meta,
+        task,
     )
 
 
@@ -429,9 +510,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--cache-dir", default=None, help="default: $OPTIMAL_SAMPLING_CACHE or ~/.cache/...")
     parser.add_argument("--retrain", action="store_true", help="train even when a cache exists")
+    parser.add_argument(
+        "--task", default="addition", choices=sorted(TASK_MODELS), help="which pair (default: the demo's)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, choices=(1, 2), help="2: train teacher and policy side by side")
     args = parser.parse_args()
     start = time.perf_counter()
-    task = load_task_models(args.cache_dir, retrain=args.retrain)
+    task = load_task_models(args.cache_dir, retrain=args.retrain, task=args.task, jobs=args.jobs)
     print(json.dumps({role: task.meta["results"][role] for role in ("teacher", "policy")}, indent=1))
     print(
         f"trained={task.trained} train_seconds_total={task.meta['train_seconds_total']} "
