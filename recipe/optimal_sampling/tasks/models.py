@@ -277,20 +277,26 @@ def closer_to_target(accuracy: float, best: "_Checkpoint | None", target: float 
 
 
 def train_model(
-    role: str, tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, progress: bool = True, task: str = "addition"
+    role: str,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: TrainConfig,
+    progress: bool = True,
+    task: str = "addition",
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train a fresh tiny Qwen3 for `role` on `task` ("addition" or "carry": its model sizes and completion format);
     the same weights for the same `cfg` on any machine.
 
-    Training runs in float64 on the CPU with portable arithmetic (`portable.py`); `cfg.num_threads` changes the
-    speed, not the weights. With a target, training stops at the first check at or above it and returns the checked
-    model closest to it (the check before a jump may be closer than the first check past it)."""
+    Training runs in float64 with portable arithmetic (`portable.py`) on `device` (a CUDA GPU gives the CPU's
+    weights, faster); `cfg.num_threads` changes the speed, not the weights. With a target, training stops at the
+    first check at or above it and returns the checked model closest to it (the check before a jump may be closer
+    than the first check past it)."""
     check_role(role)
     form = task_models_spec(task).format
     start = time.perf_counter()
     with torch_threads(cfg.num_threads):
         # 1) model, optimizer, schedule, validation problems
-        model = new_portable_model(role, tokenizer, cfg.seed, task).train()
+        model = new_portable_model(role, tokenizer, cfg.seed, task).to(device).train()
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay, foreach=False
         )
@@ -304,7 +310,7 @@ def train_model(
         for step in bar:
             problems = make_problems(cfg.batch_size, seed=batch_seed(cfg.seed, step), n_digits=cfg.n_digits)
             input_ids, labels = encode_examples(problems, role, tokenizer, form)  # (B, T), (B, T)
-            loss = model(input_ids=input_ids, labels=labels).loss
+            loss = model(input_ids=input_ids.to(device), labels=labels.to(device)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
@@ -370,11 +376,11 @@ def cache_key(configs: dict[str, TrainConfig], task: str = "addition") -> dict:
     }
 
 
-def train_role(out_dir: Path, role: str, cfg: TrainConfig, task: str, progress: bool) -> dict:
+def train_role(out_dir: Path, role: str, cfg: TrainConfig, task: str, progress: bool, device: str = "cpu") -> dict:
     """Train `role`, save it to `out_dir/<role>` (model + tokenizer), evaluate it on N_TEST test problems and return
     its meta.json entry. A top-level function, so that a process pool can run the two roles side by side."""
     tokenizer = build_tokenizer()
-    result = train_model(role, tokenizer, cfg, progress=progress, task=task)
+    result = train_model(role, tokenizer, cfg, progress=progress, task=task, device=device)
     result.model.save_pretrained(out_dir / role)
     tokenizer.save_pretrained(out_dir / role)
     test = make_problems(N_TEST, 0, cfg.n_digits, "test")
@@ -393,12 +399,17 @@ def train_role(out_dir: Path, role: str, cfg: TrainConfig, task: str, progress: 
 
 
 def train_and_save(
-    out_dir: Path, configs: dict[str, TrainConfig], progress: bool = True, task: str = "addition", jobs: int = 1
+    out_dir: Path,
+    configs: dict[str, TrainConfig],
+    progress: bool = True,
+    task: str = "addition",
+    jobs: int = 1,
+    device: str = "cpu",
 ) -> dict:
-    """Train both roles, save each to `out_dir/<role>` (model + tokenizer), write and return meta.json.
+    """Train both roles on `device`, save each to `out_dir/<role>` (model + tokenizer), write and return meta.json.
     jobs: 2 trains the two roles in two processes at once (the same weights: training is deterministic)."""
     roles = ("teacher", "policy")
-    args = ([out_dir] * 2, roles, [configs[r] for r in roles], [task] * 2, [progress] * 2)
+    args = ([out_dir] * 2, roles, [configs[r] for r in roles], [task] * 2, [progress] * 2, [str(device)] * 2)
     if jobs > 1:
         with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
             entries = list(pool.map(train_role, *args))
@@ -458,13 +469,15 @@ def load_task_models(
     progress: bool = True,
     task: str = "addition",
     jobs: int = 1,
+    train_device: str = "cpu",
 ) -> TaskModels:
-    """The trained teacher/policy pair of `task`: read from `cache_dir`, or trained (on CPU) and cached there first.
+    """The trained teacher/policy pair of `task`: read from `cache_dir`, or trained and cached there first.
 
     cache_dir: None means `default_cache_dir(task)`. Training writes into a temporary sibling directory that
     is renamed into place when complete, so an interrupted run never leaves a half-written cache.
     teacher_cfg / policy_cfg: None means the task's configs (TASK_MODELS; DEFAULT_TRAIN_CONFIGS for addition); a
-    cache trained otherwise is an error. jobs: 2 trains the two roles side by side (see `train_and_save`)."""
+    cache trained otherwise is an error. jobs: 2 trains the two roles side by side (see `train_and_save`).
+    train_device: where training runs ("cuda" on a GPU host is faster; the weights are the same, see `portable.py`)."""
     # 1) settings and where the cache lives
     spec = task_models_spec(task)
     configs = {
@@ -484,7 +497,7 @@ def load_task_models(
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
-            meta = train_and_save(tmp, configs, progress, task, jobs)
+            meta = train_and_save(tmp, configs, progress, task, jobs, train_device)
             _publish(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -514,9 +527,12 @@ def main() -> None:
         "--task", default="addition", choices=sorted(TASK_MODELS), help="which pair (default: the demo's)"
     )
     parser.add_argument("--jobs", type=int, default=1, choices=(1, 2), help="2: train teacher and policy side by side")
+    parser.add_argument("--train-device", default="cpu", help="cpu or cuda: where training runs (same weights)")
     args = parser.parse_args()
     start = time.perf_counter()
-    task = load_task_models(args.cache_dir, retrain=args.retrain, task=args.task, jobs=args.jobs)
+    task = load_task_models(
+        args.cache_dir, retrain=args.retrain, task=args.task, jobs=args.jobs, train_device=args.train_device
+    )
     print(json.dumps({role: task.meta["results"][role] for role in ("teacher", "policy")}, indent=1))
     print(
         f"trained={task.trained} train_seconds_total={task.meta['train_seconds_total']} "

@@ -83,10 +83,12 @@ class PortableQwen3(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, logits_to_keep=0):
         cfg, (B, T) = self.config, input_ids.shape
+        device = input_ids.device
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # (B, T)
         if position_ids is None:
-            position_ids = torch.arange(T).expand(B, T)  # (B, T)
-        allowed = torch.tril(torch.ones(T, T, dtype=torch.bool)) & mask.bool()[:, None, None, :]  # (B, 1, T, T)
+            position_ids = torch.arange(T, device=device).expand(B, T)  # (B, T)
+        causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))  # (T, T)
+        allowed = causal & mask.bool()[:, None, None, :]  # (B, 1, T, T)
         cos, sin = self._rotary(position_ids)  # (B, 1, T, D) each
         h = self.p("model.embed_tokens.weight")[input_ids]  # (B, T, H)
         for i in range(cfg.num_hidden_layers):
@@ -105,7 +107,8 @@ class PortableQwen3(nn.Module):
 
     def _rotary(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         D = self.config.head_dim
-        inv_freq = 1.0 / rope_theta(self.config) ** (torch.arange(0, D, 2, dtype=torch.float64) / D)  # (D/2,)
+        exponents = torch.arange(0, D, 2, dtype=torch.float64, device=position_ids.device) / D  # (D/2,)
+        inv_freq = 1.0 / rope_theta(self.config) ** exponents  # (D/2,)
         freqs = position_ids[..., None].double() * inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
         return emb.cos(), emb.sin()
@@ -156,7 +159,7 @@ class PortableQwen3(nn.Module):
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, param in zip(self.names, self.params, strict=True):
-                named[name].copy_(param.float())
+                named[name].copy_(param.float().cpu())
         return model.eval()
 
 
