@@ -77,3 +77,8 @@ def test_split_step_is_bounded_by_the_slower_model_plus_the_exchange():
     fast, slow = ex.split_step_ms(m, step, 450.0, 0.0), ex.split_step_ms(m, step, 50.0, 20.0)
     assert 15.5 < fast < slow
     assert slow == pytest.approx(15.0 + 0.5 + (step["to_policy"] + step["to_teacher"]) / 50e9 * 1e3 + 0.04)
+
+
+def test_the_committed_results_are_the_scripts_output(capsys):
+    ex.main([])
+    assert capsys.readouterr().out == (SCRIPT.parent / "results" / "exchange_bytes.md").read_text()

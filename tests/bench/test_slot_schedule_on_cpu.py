@@ -81,3 +81,20 @@ def test_replay_equals_the_measured_gpu_run():
     assert by["lower bound max(ceil(N/S), longest)"]["steps"] == max(
         math.ceil(measured["continuous"]["tokens"] / 64), 1024
     )
+
+
+def test_the_docs_table_is_the_scripts_output(capsys):
+    """Every replay row docs/benchmarks.md shows is a line the documented command prints, and the committed results
+    file is that command's whole output."""
+    sim.main(["--prompts", "32", "--n", "8", "--slots", "64", "--scale", "1,2,4,16",
+              "--measured", str(ROOT / "bench/results/grpo_rollout_h200.jsonl")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert printed == (ROOT / "bench/results/slot_schedule_grpo_rollout_h200.md").read_text()
+    doc = (ROOT / "docs/benchmarks.md").read_text().splitlines()
+    shown = [
+        line
+        for line in doc
+        if line.startswith("| ") and any(p in line for p in ("fifo", "longest", "bound", "static batches"))
+    ]
+    assert len(shown) >= 10
+    assert set(shown) <= set(printed.splitlines())
