@@ -35,11 +35,11 @@ from recipe.optimal_sampling.tasks import (
     load_task_models,
     make_problems,
     policy_prompt,
-    reward,
     stop_token_ids,
     teacher_prompt,
 )
 from recipe.optimal_sampling.tasks.models import default_cache_dir, policy_config
+from recipe.optimal_sampling.tasks.registry import ADDITION, TaskFormat, get_task
 
 ARMS = {  # as scripts/experiments/run_arm.sh
     "on_policy": POLICY_ONLY,
@@ -61,15 +61,16 @@ def response_logprobs(policy, prompts: list[list[int]], responses: list[list[int
     """log pi_theta(y_t) of every response token, right-padded: (B, T_max), 0 past each response."""
     rows = [p + r for p, r in zip(prompts, responses, strict=True)]
     L, T = max(map(len, rows)), max(map(len, responses))
-    ids = torch.zeros(len(rows), L, dtype=torch.long)  # (B, L)
+    device = next(policy.parameters()).device
+    ids = torch.zeros(len(rows), L, dtype=torch.long, device=device)  # (B, L)
     mask = torch.zeros_like(ids)  # (B, L)
     for i, row in enumerate(rows):
-        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row, device=device), 1
     logp = policy(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # (B, L, V)
-    out = torch.zeros(len(rows), T)  # (B, T)
+    out = torch.zeros(len(rows), T, device=device)  # (B, T)
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        positions = torch.arange(len(p) - 1, len(p) + len(r) - 1)  # (n,) the logits that predict y_t
-        out[i, : len(r)] = logp[i, positions].gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1)
+        positions = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=device)  # (n,) the logits that predict y_t
+        out[i, : len(r)] = logp[i, positions].gather(-1, torch.tensor(r, device=device).unsqueeze(-1)).squeeze(-1)
     return out
 
 
@@ -86,12 +87,12 @@ def advantages(
 ) -> Tensor:
     """Per-token advantages (B, T) of one step's responses, prompt-major (n per prompt), by the verl estimator's
     function (`optimal_sampling_guided`, verl's norm_adv_by_std_in_grpo=true). r, guided: (B,); the rest (B, T)."""
-    group = torch.arange(len(r) // n).repeat_interleave(n)  # (B,)
+    group = torch.arange(len(r) // n, device=r.device).repeat_interleave(n)  # (B,)
     return loss_advantages(r, group, guided, mask, loss, step, logp_teacher, logp_policy, guidance)  # (B, T)
 
 
-def padded(rows: list[list[float]], T: int, fill: float = 0.0) -> Tensor:
-    out = torch.full((len(rows), T), fill)  # (B, T)
+def padded(rows: list[list[float]], T: int, fill: float = 0.0, device="cpu") -> Tensor:
+    out = torch.full((len(rows), T), fill, device=device)  # (B, T)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
     return out
@@ -99,7 +100,7 @@ def padded(rows: list[list[float]], T: int, fill: float = 0.0) -> Tensor:
 
 def grpo_step(
     policy, optimizer, samplers, tok, problems, n: int, seed: int, threshold: float, guided=None, loss=None, step=1,
-    guidance=1.0,
+    guidance=1.0, form: TaskFormat = ADDITION, max_new_tokens: int = 8,
 ) -> dict:  # fmt: skip
     """One GRPO step with token-level truncated IS; returns the training reward, the mean IS weight and the policy's
     own mean reward. samplers: (q* sampler, policy-only sampler); guided: None (all n responses from q*) or k (the
@@ -114,16 +115,18 @@ def grpo_step(
     teacher_ids = [tok(teacher_prompt(p.question, tok), add_special_tokens=False)["input_ids"] for p in group]
     guided_arm = not ignores_teacher(samplers[0].config)  # on_policy, opd: q* = pi_theta, nothing is guided
     from_q = [guided_arm and i % n < k for i in range(len(group))]
-    sample = sample_groups(samplers, policy_ids, teacher_ids, from_q, seed)
+    sample = sample_groups(samplers, policy_ids, teacher_ids, from_q, seed, max_new_tokens)
     if loss.critic_on and loss.critic_rows != "guided":  # the server's score_policy_samples: one teacher prefill
         score_policy_rows(samplers[0].teacher, teacher_ids, sample, from_q)
     # 2) advantages by the verl estimator's function
-    r = torch.tensor([reward(p, tok.decode(y)) for p, y in zip(group, sample.token_ids, strict=True)])  # (B,)
     logp = response_logprobs(policy, policy_ids, sample.token_ids)  # (B, T)
-    T = logp.shape[1]
-    mask, logq = padded([[1.0] * len(y) for y in sample.token_ids], T), padded(sample.logp_q, T)  # (B, T) each
-    guided_rows = torch.tensor(from_q)  # (B,)
-    logp_teacher = padded(sample.logp_teacher, T, float("nan"))  # (B, T)
+    T, device = logp.shape[1], logp.device
+    rewards = [form.reward(p, tok.decode(y)) for p, y in zip(group, sample.token_ids, strict=True)]
+    r = torch.tensor(rewards, device=device)  # (B,)
+    mask = padded([[1.0] * len(y) for y in sample.token_ids], T, device=device)  # (B, T)
+    logq = padded(sample.logp_q, T, device=device)  # (B, T)
+    guided_rows = torch.tensor(from_q, device=device)  # (B,)
+    logp_teacher = padded(sample.logp_teacher, T, float("nan"), device)  # (B, T)
     adv = advantages(r, n, guided_rows, mask, logp_teacher, logp.detach(), loss, step, guidance)  # (B, T)
     # 3) token-mean loss -A_t w ratio, ratio = pi_theta / pi_old = 1 with the gradient of log pi_theta
     w = (logp.detach() - logq).exp().clamp(max=threshold) * mask  # (B, T)
@@ -151,13 +154,16 @@ def score_policy_rows(teacher, teacher_ids: list[list[int]], sample: SimpleNames
             sample.logp_teacher[i] = row
 
 
-def sample_groups(samplers, policy_ids, teacher_ids, from_q: list[bool], seed: int) -> SimpleNamespace:
+def sample_groups(
+    samplers, policy_ids, teacher_ids, from_q: list[bool], seed: int, max_new_tokens: int = 8
+) -> SimpleNamespace:
     """Responses from q* where `from_q`, else from the policy alone; lists of token ids, log q* and log pi_t."""
     token_ids, logp_q, logp_teacher = ([None] * len(from_q) for _ in range(3))
     for sampler, want in zip(samplers, (True, False), strict=True):
         rows = [i for i, q in enumerate(from_q) if q == want]
         if rows:
-            part = sampler.generate([policy_ids[i] for i in rows], [teacher_ids[i] for i in rows], 8, seed=seed)
+            prompts = [policy_ids[i] for i in rows], [teacher_ids[i] for i in rows]
+            part = sampler.generate(*prompts, max_new_tokens, seed=seed)
             for j, i in enumerate(rows):
                 token_ids[i], logp_q[i] = part.token_ids[j], part.logp_q[j]
                 logp_teacher[i] = part.logp_teacher[j] if want else [float("nan")] * len(part.token_ids[j])
@@ -180,28 +186,34 @@ def arm_loss(arm: str, overrides: dict | None = None) -> GuidedLossConfig:
 
 def run(
     arm: str, lr: float, steps: int, seed: int, eval_every: int, n_test: int, batch=16, n=8, policy_target=None,
-    loss_overrides: dict | None = None,
+    loss_overrides: dict | None = None, task: str = "addition", device: str = "cpu",
 ):  # fmt: skip
     """One arm from the cached task checkpoints: a GRPO step per step, greedy held-out accuracy every eval_every.
     policy_target: a policy stopped at this validation accuracy (its own cache next to the default one);
-    loss_overrides: keys of the `guided_loss` block (see GuidedLossConfig)."""
+    loss_overrides: keys of the `guided_loss` block (see GuidedLossConfig); task: "addition" or "carry" (the guided
+    testbed); device: where the models run (the samplers use the reference HF loop, which reads the policy's
+    weights as they train)."""
     loss = arm_loss(arm, loss_overrides)  # before loading anything
-    cache = None if policy_target is None else default_cache_dir().with_name(f"task_models_policy_{policy_target:g}")
-    task = load_task_models(cache, policy_cfg=policy_config(policy_target), progress=False)  # fresh copies
-    policy, teacher, tok = task.policy.float(), task.teacher.float(), task.tokenizer
+    form = get_task(task)
+    cache = None if policy_target is None else default_cache_dir(task).with_name(f"{task}_policy_{policy_target:g}")
+    models = load_task_models(cache, policy_cfg=policy_config(policy_target, task), progress=False, task=task)
+    policy, teacher, tok = models.policy.float().to(device), models.teacher.float().to(device), models.tokenizer
     stops = tuple(stop_token_ids(tok))
     samplers = tuple(
-        DualSampler(policy, teacher, c.replace(stop_token_ids=stops), tokenizer=tok, teacher_tokenizer=tok)
+        DualSampler(
+            policy, teacher, c.replace(stop_token_ids=stops), tokenizer=tok, teacher_tokenizer=tok, backend="reference"
+        )
         for c in (ARMS[arm], POLICY_ONLY)
     )
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.01)
-    train = make_problems(batch * steps, seed=seed, split="train")
-    test = make_problems(n_test, seed=0, split="test")
+    max_new_tokens = form.max_new_tokens(models.n_digits)
+    train = make_problems(batch * steps, seed=seed, n_digits=models.n_digits, split="train")
+    test = make_problems(n_test, seed=0, n_digits=models.n_digits, split="test")
     test_prompts = [policy_prompt(p.question) for p in test]
     log, start, own_reward = [], time.perf_counter(), None
     changed = {k: v for k, v in vars(loss).items() if getattr(GuidedLossConfig(), k) != v}
     for step in range(steps + 1):
-        row = {"arm": arm, "lr": lr, "seed": seed, "step": step, "batch": batch, "n": n}
+        row = {"arm": arm, "lr": lr, "seed": seed, "step": step, "batch": batch, "n": n, "task": task}
         if policy_target is not None:
             row["policy_target"] = policy_target
         if changed:
@@ -211,11 +223,11 @@ def run(
             guidance = guidance_scale(own_reward, step, loss.fade_reward_threshold, loss.fade_end_step)
             row |= grpo_step(
                 policy, optimizer, samplers, tok, problems, n, seed * 10_000 + step, 2.0, MIXED.get(arm), loss, step,
-                guidance,
+                guidance, form, max_new_tokens,
             )  # fmt: skip
             row["guidance"], own_reward = guidance, row["policy_reward"]
         if step % eval_every == 0:
-            row["val_acc"] = greedy_accuracy(policy, tok, test_prompts, test)
+            row["val_acc"] = greedy_accuracy(policy, tok, test_prompts, test, task=form)
         row["seconds"] = round(time.perf_counter() - start, 2)
         log.append(row)
     return log
@@ -235,8 +247,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--policy-target-accuracy", type=float, default=None, help="a weaker start: the policy stopped at this accuracy"
     )
+    parser.add_argument("--task", default="addition", help="addition (the demo's pair) or carry (the guided testbed)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU host runs many pilots side by side)")
     add_loss_flags(parser)
     args = parser.parse_args(argv)
+    get_task(args.task)  # an unknown task is refused before any run
     overrides = {k: getattr(args, k) for k in LOSS_FLAGS if getattr(args, k) is not None}
     for arm in args.arms.split(","):
         arm_loss(arm, overrides)  # every arm's settings refused before the first run
@@ -246,7 +261,7 @@ def main(argv=None) -> None:
             for arm in args.arms.split(","):
                 log = run(
                     arm, lr, args.steps, args.seed, args.eval_every, args.n_test, args.batch, args.n,
-                    args.policy_target_accuracy, overrides,
+                    args.policy_target_accuracy, overrides, args.task, args.device,
                 )  # fmt: skip
                 f.writelines(json.dumps(row) + "\n" for row in log)
                 f.flush()
