@@ -186,13 +186,13 @@ def arm_loss(arm: str, overrides: dict | None = None) -> GuidedLossConfig:
 
 def run(
     arm: str, lr: float, steps: int, seed: int, eval_every: int, n_test: int, batch=16, n=8, policy_target=None,
-    loss_overrides: dict | None = None, task: str = "addition", device: str = "cpu",
+    loss_overrides: dict | None = None, task: str = "addition", device: str = "cpu", sink=None,
 ):  # fmt: skip
     """One arm from the cached task checkpoints: a GRPO step per step, greedy held-out accuracy every eval_every.
     policy_target: a policy stopped at this validation accuracy (its own cache next to the default one);
     loss_overrides: keys of the `guided_loss` block (see GuidedLossConfig); task: "addition" or "carry" (the guided
     testbed); device: where the models run (the samplers use the reference HF loop, which reads the policy's
-    weights as they train)."""
+    weights as they train); sink: a file each row is written to (and flushed) as soon as it exists."""
     loss = arm_loss(arm, loss_overrides)  # before loading anything
     form = get_task(task)
     cache = None if policy_target is None else default_cache_dir(task).with_name(f"{task}_policy_{policy_target:g}")
@@ -230,6 +230,9 @@ def run(
             row["val_acc"] = greedy_accuracy(policy, tok, test_prompts, test, task=form)
         row["seconds"] = round(time.perf_counter() - start, 2)
         log.append(row)
+        if sink is not None:
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
     return log
 
 
@@ -261,10 +264,8 @@ def main(argv=None) -> None:
             for arm in args.arms.split(","):
                 log = run(
                     arm, lr, args.steps, args.seed, args.eval_every, args.n_test, args.batch, args.n,
-                    args.policy_target_accuracy, overrides, args.task, args.device,
+                    args.policy_target_accuracy, overrides, args.task, args.device, sink=f,
                 )  # fmt: skip
-                f.writelines(json.dumps(row) + "\n" for row in log)
-                f.flush()
                 curve = " ".join(f"{r['step']}:{r['val_acc']:.3f}" for r in log if "val_acc" in r)
                 print(f"{arm:<16} lr={lr:g} {curve}  ({log[-1]['seconds']:.0f} s)", flush=True)
 

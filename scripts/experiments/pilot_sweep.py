@@ -63,11 +63,13 @@ def run_one(job) -> str:
     return f"{final}: {rows[-1].get('val_acc')}"
 
 
-def summarize(out: Path) -> str:
-    """Markdown: per (label, lr), held-out accuracy at every evaluated step, mean ± std over seeds, and the seeds."""
+def summarize(out: Path, partial: bool = False) -> str:
+    """Markdown: per (label, lr), held-out accuracy at every evaluated step, mean ± std over seeds, and the seeds.
+    partial: also read unfinished runs (their rows so far; a `label` is taken from the folder)."""
     curves: dict[tuple[str, float], dict[int, list[float]]] = {}
-    for path in sorted(out.glob("runs/*/*.jsonl")):
+    for path in sorted(out.glob("runs/*/*.jsonl")) + sorted(out.glob("runs/*/*.tmp")) * partial:
         for row in map(json.loads, path.read_text().splitlines()):
+            row.setdefault("label", path.parent.name)
             if "val_acc" in row:
                 curves.setdefault((row["label"], row["lr"]), {}).setdefault(row["step"], []).append(row["val_acc"])
     steps = sorted({s for curve in curves.values() for s in curve})
