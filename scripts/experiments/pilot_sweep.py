@@ -63,15 +63,21 @@ def run_one(job) -> str:
     return f"{final}: {rows[-1].get('val_acc')}"
 
 
-def summarize(out: Path, partial: bool = False) -> str:
-    """Markdown: per (label, lr), held-out accuracy at every evaluated step, mean ± std over seeds, and the seeds.
-    partial: also read unfinished runs (their rows so far; a `label` is taken from the folder)."""
-    curves: dict[tuple[str, float], dict[int, list[float]]] = {}
+def finished_rows(out: Path, partial: bool = False) -> list[dict]:
+    """Every row of the finished runs under `out` (with `partial`, of the unfinished ones too), labelled."""
+    rows = []
     for path in sorted(out.glob("runs/*/*.jsonl")) + sorted(out.glob("runs/*/*.tmp")) * partial:
         for row in map(json.loads, path.read_text().splitlines()):
-            row.setdefault("label", path.parent.name)
-            if "val_acc" in row:
-                curves.setdefault((row["label"], row["lr"]), {}).setdefault(row["step"], []).append(row["val_acc"])
+            rows.append({"label": path.parent.name, **row})
+    return rows
+
+
+def summarize(rows: list[dict]) -> str:
+    """Markdown: per (label, lr), held-out accuracy at every evaluated step, mean ± std over seeds, and the seeds."""
+    curves: dict[tuple[str, float], dict[int, list[float]]] = {}
+    for row in rows:
+        if "val_acc" in row:
+            curves.setdefault((row["label"], row["lr"]), {}).setdefault(row["step"], []).append(row["val_acc"])
     steps = sorted({s for curve in curves.values() for s in curve})
     lines = ["| spec | lr | seeds | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (3 + len(steps)) + "|"]
     for (label, lr), curve in sorted(curves.items()):
@@ -106,7 +112,7 @@ def main(argv=None) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         for message in pool.map(run_one, jobs):
             print(message, flush=True)
-    table = summarize(Path(args.out))
+    table = summarize(finished_rows(Path(args.out)))
     (Path(args.out) / "summary.md").write_text(table)
     print(table)
 
