@@ -306,8 +306,8 @@ class FastDualEngine:
         bad = [name for name, row in models if rec[_ROW[row]].any()]
         if bad:
             raise FloatingPointError(
-                f"the {' and '.join(bad)} model produced NaN logits: check the checkpoint's dtype (fp16 overflow?) "
-                "and weights; the sample was discarded"
+                f"the {' and '.join(bad)} model produced non-finite logits (NaN or inf): load it in bfloat16 or "
+                "float32 (float16 overflows) and check its weights; the sample was discarded"
             )
         stop = set(config.stop_token_ids)
         ends = [next((t + 1 for t, tok in enumerate(row) if tok in stop), None) for row in tokens]
