@@ -43,6 +43,24 @@ def reference_record(logits: list[Tensor], config: SamplerConfig, step, generato
     return rec.token, torch.stack(rows).float()  # (B,), (F, B)
 
 
+def fused_config_sample(
+    logits: list[Tensor], step: Tensor, seed: Tensor, config: SamplerConfig, diagnostics: bool
+) -> tuple[Tensor, Tensor]:
+    """`fused_sample` of (policy, teacher) logits under `config`'s sampler settings: token (B,), record (F, B)."""
+    return fused_sample(
+        logits[0],
+        logits[1],
+        step,
+        seed,
+        temperature=config.temperature,
+        top_p=config.teacher_top_p,
+        alpha_method=config.alpha_method,
+        fixed_alpha=config.fixed_alpha,
+        force_teacher_tokens=config.force_teacher_tokens,
+        diagnostics=diagnostics,
+    )
+
+
 def greedy_record(logits_policy: Tensor, record: Tensor) -> Tensor:
     """The argmax instead of the draw: a point mass (log q* = 0, support 1). Rewrites record (F, B) in place and
     returns the argmax tokens (B,)."""
@@ -213,18 +231,7 @@ class FastDualEngine:
             logits = [logits[0], logits[0]]
         # 1) one token per row from q*
         if self.fused:
-            token, record = fused_sample(
-                logits[0],
-                logits[1],
-                st.step,
-                st.seed,
-                temperature=config.temperature,
-                top_p=config.teacher_top_p,
-                alpha_method=config.alpha_method,
-                fixed_alpha=config.fixed_alpha,
-                force_teacher_tokens=config.force_teacher_tokens,
-                diagnostics=self.diagnostics,
-            )  # fmt: skip  (bucket,), (F, bucket)
+            token, record = fused_config_sample(logits, st.step, st.seed, config, self.diagnostics)  # (b,), (F, b)
         else:
             token, record = reference_record(logits, config, host_step, self._generator)
         if mode == "greedy":

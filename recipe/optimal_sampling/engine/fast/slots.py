@@ -19,9 +19,9 @@ which request sits in which slot (`scheduler`).
 import torch
 from torch import Tensor
 
-from ...core.fused import RECORD_FIELDS, fused_sample
+from ...core.fused import RECORD_FIELDS
 from ..config import SamplerConfig
-from .engine import greedy_record, reference_record
+from .engine import fused_config_sample, greedy_record, reference_record
 
 
 def slot_step(engine, slots: int, config: SamplerConfig, mode: str, generators: list | None = None) -> None:
@@ -35,18 +35,7 @@ def slot_step(engine, slots: int, config: SamplerConfig, mode: str, generators: 
         logits = [logits[0], logits[0]]
     # 1) one token per row from q* of that row
     if engine.fused:
-        token, record = fused_sample(
-            logits[0],
-            logits[1],
-            step,
-            seed,
-            temperature=config.temperature,
-            top_p=config.teacher_top_p,
-            alpha_method=config.alpha_method,
-            fixed_alpha=config.fixed_alpha,
-            force_teacher_tokens=config.force_teacher_tokens,
-            diagnostics=engine.diagnostics,
-        )  # fmt: skip  (S,), (F, S)
+        token, record = fused_config_sample(logits, step, seed, config, engine.diagnostics)  # (S,), (F, S)
     else:
         token, record = _rows_reference(logits, config, step, finished, generators)
     if mode == "greedy":
