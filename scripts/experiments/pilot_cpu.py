@@ -211,7 +211,7 @@ def run(
     test = make_problems(n_test, seed=0, n_digits=models.n_digits, split="test")
     test_prompts = [policy_prompt(p.question) for p in test]
     log, start, own_reward = [], time.perf_counter(), None
-    changed = {k: v for k, v in vars(loss).items() if getattr(GuidedLossConfig(), k) != v}
+    changed = loss.changed()
     for step in range(steps + 1):
         row = {"arm": arm, "lr": lr, "seed": seed, "step": step, "batch": batch, "n": n, "task": task}
         if policy_target is not None:

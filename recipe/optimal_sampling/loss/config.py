@@ -103,6 +103,11 @@ class GuidedLossConfig:
     def critic_on(self) -> bool:
         return self.critic_coef > 0
 
+    def changed(self) -> dict:
+        """The keys that differ from the defaults (verl's GRPO), with their values."""
+        default, values = type(self)(), {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in values.items() if getattr(default, k) != v}
+
     @classmethod
     def from_mapping(cls, block: Mapping | None) -> "GuidedLossConfig":
         """From the `guided_loss` block (a dict or DictConfig; None = defaults); unknown keys are refused."""

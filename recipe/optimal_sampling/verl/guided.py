@@ -126,9 +126,10 @@ def check_guided_loss(config: Mapping) -> GuidedLossConfig:
     estimator = (config.get("algorithm") or {}).get("adv_estimator")
     rollout = config["actor_rollout_ref"]["rollout"]
     if estimator != GUIDED_ESTIMATOR:
-        if loss != GuidedLossConfig():
+        if changed := loss.changed():
+            overrides = ", ".join(f"{k}={v}" for k, v in changed.items())
             raise ValueError(
-                f"{LOSS_KEY} is set ({_changed(loss)}) but algorithm.adv_estimator={estimator}: set "
+                f"{LOSS_KEY} is set ({overrides}) but algorithm.adv_estimator={estimator}: set "
                 f"algorithm.adv_estimator={GUIDED_ESTIMATOR} or drop the {LOSS_KEY} overrides"
             )
         return loss
@@ -229,8 +230,3 @@ def _check_fade(loss: GuidedLossConfig, os_config: OptimalSamplingConfig, n: int
                 f"{LOSS_KEY}.{name}={end} is beyond trainer.total_training_steps={total_steps}: it would never reach "
                 f"0 in this run; use a step <= {total_steps}"
             )
-
-
-def _changed(loss: GuidedLossConfig) -> str:
-    default = GuidedLossConfig()
-    return ", ".join(f"{k}={v}" for k, v in vars(loss).items() if getattr(default, k) != v)
