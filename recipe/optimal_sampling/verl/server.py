@@ -38,7 +38,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import HFModelConfig
 from verl.workers.rollout.replica import TokenOutput
 
-from ..engine import DualSample, DualSampler, SamplerConfig, stop_ids_for
+from ..engine import DualSampler, SamplerConfig, stop_ids_for
 from ..engine.fast import fast_path_reasons
 from ..engine.policy_only import ignores_teacher, policy_only_config
 from ..engine.scoring import teacher_logprobs
@@ -187,14 +187,14 @@ class DualSamplerServer:
             batch = self._take_batch()
             try:
                 async with self._lock():
-                    sample = await asyncio.to_thread(self._run_batch, batch)
+                    rows = await asyncio.to_thread(self._run_batch, batch)
             except Exception as e:  # every waiting request sees the error
                 logger.exception("dual sampler batch failed")
                 for request in batch:
                     request.future.set_exception(e)
                 continue
             for i, request in enumerate(batch):
-                request.future.set_result(self._token_output(sample.row(i), request))
+                request.future.set_result(self._token_output(rows[i], request))
 
     def _serve_continuous(self, kind: tuple, loop: asyncio.AbstractEventLoop) -> None:
         """(worker thread) Stream the queued requests of `kind`, and those arriving meanwhile, through the slots;
@@ -209,7 +209,7 @@ class DualSamplerServer:
         def deliver(slot_request, row: dict) -> None:
             request = taken.pop(id(slot_request.tag))
             try:
-                result, error = self._token_output(self._score_row(request, row), request), None
+                result, error = self._token_output(self._score_rows([request], [row])[0], request), None
             except Exception as e:  # this request sees it; the others go on
                 result, error = None, e
             loop.call_soon_threadsafe(_resolve, request.future, result, error)
@@ -281,14 +281,16 @@ class DualSamplerServer:
             self._pending = [r for r in self._pending if id(r) not in taken]
         return batch
 
-    def _run_batch(self, batch: list[_Request]) -> DualSample:
+    def _run_batch(self, batch: list[_Request]) -> list[dict]:
+        """One static batch; its rows (`DualSample.row`), teacher-scored where asked."""
         self._batches += 1
         seed = int(self.config.seed) * 1_000_003 + self.replica_rank * 10_007 + self._batches
         policy_ids, max_new_tokens = [r.policy_ids for r in batch], max(r.max_tokens for r in batch)
         if batch[0].policy_only:
             sample = self.sampler.generate_policy_only(policy_ids, max_new_tokens, seed, batch[0].temperature)
-            return self._score_with_teacher(batch, sample)
-        return self.sampler.generate(policy_ids, [r.teacher_ids for r in batch], max_new_tokens, seed=seed)
+        else:
+            sample = self.sampler.generate(policy_ids, [r.teacher_ids for r in batch], max_new_tokens, seed=seed)
+        return self._score_rows(batch, [sample.row(i) for i in range(len(batch))])
 
     def _token_output(self, row: dict, request: _Request) -> TokenOutput:
         """One response (`DualSample.row`) cut to the request's token budget."""
@@ -321,29 +323,20 @@ class DualSamplerServer:
 
     # ---- teacher scoring of policy-only responses and the guidance fade (guided_loss) -------------------------------
 
-    def _score_with_teacher(self, batch: list[_Request], sample: DualSample) -> DualSample:
-        """Fill log pi_t(y_t) of the rows whose request asks for it, with one teacher prefill over (teacher prompt +
-        response cut to the request's budget); teacher forward tokens: the prompt plus the n - 1 response tokens fed
-        (prefill, not decode). The other rows keep NaN."""
-        rows = [i for i, r in enumerate(batch) if r.score]
-        if not rows:
-            return sample
-        responses = [sample.token_ids[i][: batch[i].max_tokens] for i in rows]
-        prompts = [batch[i].teacher_ids for i in rows]
+    def _score_rows(self, requests: list[_Request], rows: list[dict]) -> list[dict]:
+        """Fill log pi_t(y_t) of the rows whose request asks for it (`DualSample.row` dicts; static batches pass a
+        batch, continuous batching one row as it finishes), with one teacher prefill over (teacher prompt +
+        response cut to the request's budget): prefill, not decode. The other rows keep NaN."""
+        wanted = [i for i, r in enumerate(requests) if r.score]
+        if not wanted:
+            return rows
+        prompts = [requests[i].teacher_ids for i in wanted]
+        responses = [rows[i]["token_ids"][: requests[i].max_tokens] for i in wanted]
         scores = teacher_logprobs(self.teacher, prompts, responses, self.config.temperature, self.sampler.vocab_size)
-        for i, row in zip(rows, scores, strict=True):
-            sample.logp_teacher[i] = row + sample.logp_teacher[i][len(row) :]
-        return sample
-
-    def _score_row(self, request: _Request, row: dict) -> dict:
-        """`_score_with_teacher` for one streamed row (continuous batching delivers rows one at a time)."""
-        if not request.score:
-            return row
-        response = row["token_ids"][: request.max_tokens]
-        (scores,) = teacher_logprobs(
-            self.teacher, [request.teacher_ids], [response], self.config.temperature, self.sampler.vocab_size
-        )
-        return {**row, "logp_teacher": list(scores) + list(row["logp_teacher"][len(scores) :])}
+        rows = list(rows)
+        for i, row in zip(wanted, scores, strict=True):
+            rows[i] = {**rows[i], "logp_teacher": list(row) + list(rows[i]["logp_teacher"][len(row) :])}
+        return rows
 
     async def set_guided_limit(self, limit: int | None) -> None:
         """Responses whose index in their group is >= `limit` are sampled from the policy alone (the trainer's
