@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ...core.fused import RECORD_FIELDS, fused_available, fused_sample
+from ..checks import FIX_DTYPE
 from ..config import SamplerConfig
 from ..sampler import DIAGNOSTIC_FIELDS, TEACHER_FIELDS, TRACE_FIELDS, DualSample
 from ..step import sample_step
@@ -313,8 +314,7 @@ class FastDualEngine:
         bad = [name for name, row in models if rec[_ROW[row]].any()]
         if bad:
             raise FloatingPointError(
-                f"the {' and '.join(bad)} model produced non-finite logits (NaN or inf): load it in bfloat16 or "
-                "float32 (float16 overflows) and check its weights; the sample was discarded"
+                f"the {' and '.join(bad)} model produced NaN or infinite logits: {FIX_DTYPE}; the sample was discarded"
             )
         stop = set(config.stop_token_ids)
         ends = [next((t + 1 for t, tok in enumerate(row) if tok in stop), None) for row in tokens]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..checks import FIX_DTYPE
 from ..config import SamplerConfig
 from ..sampler import DIAGNOSTIC_FIELDS, TEACHER_FIELDS, TRACE_FIELDS, DualSample
 from .engine import _ROW, MODES
@@ -228,8 +229,7 @@ def _row(tokens: list[int], rec: torch.Tensor, n: int, config: SamplerConfig, mo
     bad = [name for name, row in (("policy", "nan_policy"), ("teacher", "nan_teacher")) if rec[_ROW[row]].any()]
     if bad:
         raise FloatingPointError(
-            f"the {' and '.join(bad)} model produced non-finite logits (NaN or inf): load it in bfloat16 or float32 "
-            "(float16 overflows) and check its weights; the sample was discarded"
+            f"the {' and '.join(bad)} model produced NaN or infinite logits: {FIX_DTYPE}; the sample was discarded"
         )
     tokens = tokens[:n]
     field = lambda name: rec[_ROW[name]].tolist()  # noqa: E731
