@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from recipe.optimal_sampling.engine import DualSampler
 from recipe.optimal_sampling.engine.policy_only import POLICY_ONLY
+from recipe.optimal_sampling.engine.scoring import response_logprobs
 from recipe.optimal_sampling.tasks import (
     build_tokenizer,
     greedy_accuracy,
@@ -102,22 +103,6 @@ def group_stats(rewards: Tensor) -> dict:
         "pass_at_n": float(solved.mean()),
         "all_zero_frac": float((rewards.sum(dim=1) == 0).float().mean()),
     }
-
-
-def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]]) -> tuple[Tensor, Tensor]:
-    """log pi(y_t) of every response token under `prompts` (right-padded) and its mask: (B, T), (B, T)."""
-    rows = [p + r for p, r in zip(prompts, responses, strict=True)]
-    L, T = max(map(len, rows)), max(map(len, responses))
-    ids, attn = torch.zeros(len(rows), L, dtype=torch.long), torch.zeros(len(rows), L, dtype=torch.long)  # (B, L)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)], attn[i, : len(row)] = torch.tensor(row), 1
-    logp_all = model(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)  # (B, L, V)
-    logp, mask = torch.zeros(len(rows), T), torch.zeros(len(rows), T)  # (B, T)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        at = torch.arange(len(p) - 1, len(p) + len(r) - 1)  # (n,) the positions whose logits predict y_t
-        logp[i, : len(r)] = logp_all[i, at].gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1)
-        mask[i, : len(r)] = 1
-    return logp, mask
 
 
 def grpo_loss(bed: Testbed, problems: list[Problem], n: int, seed: int) -> tuple[Tensor | None, dict]:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from recipe.optimal_sampling.engine import DualSampler, SamplerConfig
 from recipe.optimal_sampling.engine.policy_only import POLICY_ONLY, ignores_teacher
-from recipe.optimal_sampling.engine.scoring import teacher_logprobs
+from recipe.optimal_sampling.engine.scoring import response_logprobs, teacher_logprobs
 from recipe.optimal_sampling.loss import GuidedLossConfig, faded_guided_per_prompt, guidance_scale
 from recipe.optimal_sampling.loss import guided_token_advantages as loss_advantages
 from recipe.optimal_sampling.tasks import (
@@ -55,23 +55,6 @@ ARMS = {  # as scripts/experiments/run_arm.sh
 }
 MIXED = {"mixed_1of8": 1, "mixed_4of8": 4}  # guided_per_prompt: the other responses come from pi_theta alone
 ARM_LOSS = {"opd": {"critic_coef": 1.0}}  # guided_loss defaults of an arm; the command-line flags win
-
-
-def response_logprobs(policy, prompts: list[list[int]], responses: list[list[int]]) -> Tensor:
-    """log pi_theta(y_t) of every response token, right-padded: (B, T_max), 0 past each response."""
-    rows = [p + r for p, r in zip(prompts, responses, strict=True)]
-    L, T = max(map(len, rows)), max(map(len, responses))
-    device = next(policy.parameters()).device
-    ids = torch.zeros(len(rows), L, dtype=torch.long, device=device)  # (B, L)
-    mask = torch.zeros_like(ids)  # (B, L)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row, device=device), 1
-    logp = policy(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # (B, L, V)
-    out = torch.zeros(len(rows), T, device=device)  # (B, T)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        positions = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=device)  # (n,) the logits that predict y_t
-        out[i, : len(r)] = logp[i, positions].gather(-1, torch.tensor(r, device=device).unsqueeze(-1)).squeeze(-1)
-    return out
 
 
 def advantages(
@@ -119,11 +102,10 @@ def grpo_step(
     if loss.critic_on and loss.critic_rows != "guided":  # the server's score_policy_samples: one teacher prefill
         score_policy_rows(samplers[0].teacher, teacher_ids, sample, from_q)
     # 2) advantages by the verl estimator's function
-    logp = response_logprobs(policy, policy_ids, sample.token_ids)  # (B, T)
+    logp, mask = response_logprobs(policy, policy_ids, sample.token_ids)  # (B, T) each
     T, device = logp.shape[1], logp.device
     rewards = [form.reward(p, tok.decode(y)) for p, y in zip(group, sample.token_ids, strict=True)]
     r = torch.tensor(rewards, device=device)  # (B,)
-    mask = padded([[1.0] * len(y) for y in sample.token_ids], T, device=device)  # (B, T)
     logq = padded(sample.logp_q, T, device=device)  # (B, T)
     guided_rows = torch.tensor(from_q, device=device)  # (B,)
     logp_teacher = padded(sample.logp_teacher, T, float("nan"), device)  # (B, T)

@@ -35,7 +35,7 @@ def test_response_logprobs_are_the_samplers_policy_traces():
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12]]
     sample = sampler.generate(prompts, [[3, 4]] * 3, max_new_tokens=6, seed=0)
     with torch.no_grad():
-        logp = pilot.response_logprobs(policy, prompts, sample.token_ids)  # (B, T)
+        logp, _ = pilot.response_logprobs(policy, prompts, sample.token_ids)  # (B, T)
     for i, row in enumerate(sample.logp_policy):
         torch.testing.assert_close(logp[i, : len(row)], torch.tensor(row), atol=1e-5, rtol=0)
         assert (logp[i, len(row) :] == 0).all()

@@ -1,6 +1,7 @@
-"""Teacher scoring: log pi_t(y_t) of every token of given responses, in one parallel prefill over (teacher prompt +
-response) per row, not a lockstep decode. Gives the teacher's per-token scores of responses the teacher did not take
-part in sampling (the policy's own samples: the dense teacher critic / on-policy distillation, DESIGN.md §8).
+"""Scoring responses: log pi(y_t) of every token of given responses, in one parallel prefill over (prompt +
+response) per row, not a lockstep decode. `response_logprobs` keeps the graph (a trainer's log pi_theta);
+`teacher_logprobs` is the no-grad, memory-lean form for the teacher: its per-token scores of responses it did not
+take part in sampling (the policy's own samples: the dense teacher critic / on-policy distillation, DESIGN.md §8).
 
 1) right-pad the rows (prompt + response without its last token: that token is predicted, never read);
 2) one forward of the decoder body: last-layer hidden states only (no logits for the whole sequence);
@@ -68,3 +69,21 @@ def _score_chunk(head: nn.Module, hidden: Tensor, targets: Tensor, temperature: 
     logits = head(hidden)[:, :vocab_size].float() / temperature  # (n, V)
     logp = logits.log_softmax(dim=-1)  # (n, V)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (n,)
+
+
+def response_logprobs(
+    model: nn.Module, prompts: list[list[int]], responses: list[list[int]]
+) -> tuple[Tensor, Tensor]:
+    """log pi(y_t | prompt, y_<t) of every response token, with its graph, right-padded, and the response mask:
+    (B, T), (B, T) float32 on the model's device (0 past each response). One forward over (prompt + response)."""
+    device = next(model.parameters()).device
+    ids, mask, rows, positions, targets = _pack(prompts, responses, device, pad_id=0)
+    logp_all = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # (B, L, V)
+    picked = logp_all[rows, positions].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+    T = max(map(len, responses))
+    logp = torch.zeros(len(responses), T, device=device)  # (B, T)
+    resp_mask = torch.zeros(len(responses), T, device=device)  # (B, T)
+    cols = torch.cat([torch.arange(len(r), device=device) for r in responses])  # (N,)
+    logp = logp.index_put((rows, cols), picked)  # (B, T)
+    resp_mask[rows, cols] = 1.0
+    return logp, resp_mask
