@@ -104,13 +104,12 @@ def read_step_inputs(batch, step: int, guidance: float, config: GuidedLossConfig
     reads them), and the per-response scores (B,)."""
     import transfer_queue as tq
 
-    from .server import FORWARD_TOKEN_KEYS, GUIDED_KEY
+    from .server import GUIDED_KEY
 
     select = ["dual_logp_teacher", "old_log_probs", "rm_scores"]
     data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[*select, "extra_fields"])
     extra = data.pop("extra_fields").tolist()
-    teacher_tokens = FORWARD_TOKEN_KEYS["teacher"]
-    guided = torch.tensor([bool(e.get(GUIDED_KEY, e.get(teacher_tokens, 0) > 0)) for e in extra])  # (B,)
+    guided = torch.tensor([bool(e[GUIDED_KEY]) for e in extra])  # (B,) as the server flags each response
     pad = {n: torch.nested.to_padded_tensor(data[n], 0.0) if data[n].is_nested else data[n] for n in select}
     inputs = GuidedStepInputs(guided, pad["dual_logp_teacher"], pad["old_log_probs"], step, guidance, config)
     return inputs, pad["rm_scores"].sum(dim=-1)
