@@ -40,6 +40,7 @@ REACH = ("step", "tokens", "seconds")  # what first_reach returns
 ARM_ORDER = (
     *("on_policy", "balanced", "conservative", "exploratory", "fixed_alpha_0.5", "fixed_alpha_1", "ess_balance"),
     *("mixed_1of8", "mixed_4of8"),
+    *("opd", "control", "mixed", "imitation", "positive", "mixed_pb", "mixed_pb_critic", "imitation_critic"),  # guided
 )
 STATS = (  # per-arm means over training steps and seeds: (column, metric)
     ("alpha mean", "optimal_sampling/alpha_mean"),
@@ -55,6 +56,9 @@ STATS = (  # per-arm means over training steps and seeds: (column, metric)
     ("train reward", "critic/score/mean"),
     ("guided frac", "optimal_sampling/guided_frac"),  # added after the 2026-11-27 runs
     ("zero-adv frac", "optimal_sampling/zero_advantage_frac"),  # added after the 2026-11-27 runs
+    ("critic beta", "optimal_sampling/critic_coef"),  # the guided estimator's (issue 11)
+    ("critic log pi_t/pi", "optimal_sampling/critic_logratio_mean"),
+    ("critic scored frac", "optimal_sampling/critic_scored_frac"),
     ("policy tok/step", POLICY_TOKENS),
     ("teacher tok/step", TEACHER_TOKENS),
     ("s/step", STEP_SECONDS),
@@ -233,14 +237,16 @@ def target_table(runs: dict[str, dict[int, Run]], target: float) -> str:
 
 
 def stats_table(runs: dict[str, dict[int, Run]]) -> str:
-    """Per-arm means over all training steps of all seeds (blank where an arm never logged the metric)."""
-    lines = ["| arm | " + " | ".join(name for name, _ in STATS) + " |", "|---" * (1 + len(STATS)) + "|"]
+    """Per-arm means over all training steps of all seeds (blank where an arm never logged the metric; a metric no
+    arm logged has no column)."""
+    cells = {arm: {} for arm in runs}
     for arm, seeds in runs.items():
-        cells = []
-        for _, key in STATS:
+        for name, key in STATS:
             values = [row[key] for r in seeds.values() for row in r.train_rows if row.get(key) is not None]
-            cells.append(f"{float(np.mean(values)):.4g}" if values else "")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+            cells[arm][name] = f"{float(np.mean(values)):.4g}" if values else ""
+    names = [name for name, _ in STATS if any(cells[arm][name] for arm in runs)]
+    lines = ["| arm | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    lines += [f"| {arm} | " + " | ".join(cells[arm][name] for name in names) + " |" for arm in runs]
     return "\n".join(lines)
 
 

@@ -22,6 +22,8 @@ REPO=$(cd "${HERE}/../.." && pwd)
 export EXP_DIR=${EXP_DIR:-${REPO}/outputs/experiments}        # <arm>/seed<k>/ per run
 export TASK_DIR=${TASK_DIR:-${EXP_DIR}/task}                  # parquet files + models/ (made once, below)
 export TOTAL_STEPS=${TOTAL_STEPS:-40}                         # GRPO steps per run (see the budget above)
+export TASK=${TASK:-addition}                                 # addition | carry (the guided testbed)
+TRAIN_DEVICE=${TRAIN_DEVICE:-cpu}                             # where the task models train (cuda: same weights, faster)
 ARMS=${ARMS:-"on_policy balanced conservative exploratory fixed_alpha_0.5 fixed_alpha_1 ess_balance"}
 SEEDS=${SEEDS:-"0 1 2"}                                       # seeds 0..2: data order and sampling
 GPUS=${GPUS:-0}                                               # CUDA device ids, e.g. "0 1 2 3"
@@ -53,7 +55,12 @@ fi
 # 1) the task (datasets + the tiny teacher/policy), once: parallel runs must not each train the models
 cd "${REPO}"
 if [ ! -e "${TASK_DIR}/models/meta.json" ] || [ ! -e "${TASK_DIR}/test.parquet" ]; then
-    prepare=(python3 -m recipe.optimal_sampling.verl.data --out "${TASK_DIR}" --n-train "${N_TRAIN}" --n-test "${N_TEST}")
+    if [ -z "${POLICY_TARGET}" ] && [ "${DRY_RUN}" != 1 ]; then   # the task's own pair, both roles at once
+        python3 -m recipe.optimal_sampling.tasks --task "${TASK}" --jobs 2 --train-device "${TRAIN_DEVICE}" \
+            --cache-dir "${TASK_DIR}/models"
+    fi
+    prepare=(python3 -m recipe.optimal_sampling.verl.data --out "${TASK_DIR}" --task "${TASK}" --n-train "${N_TRAIN}"
+        --n-test "${N_TEST}")
     [ -n "${POLICY_TARGET}" ] && prepare+=(--policy-target-accuracy "${POLICY_TARGET}")
     if [ "${DRY_RUN}" = 1 ]; then echo "${prepare[*]}"; else "${prepare[@]}"; fi
 fi

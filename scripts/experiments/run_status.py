@@ -4,6 +4,7 @@ them) or compact (`metrics.jsonl.gz`, as compact_metrics.py commits them).
 
     python3 scripts/experiments/run_status.py complete RUN_DIR/metrics.jsonl --total-steps 30   # exit 0 = complete
     python3 scripts/experiments/run_status.py summary EXP_DIR --total-steps 30                  # one line per run
+    python3 scripts/experiments/run_status.py merge RUN_DIR          # metrics.jsonl from RUN_DIR/attempts/*.jsonl
 
 A run is complete when its file has a line for a step >= `total_steps` that carries the held-out policy-only accuracy
 (the last step always validates; a longer run counts for a shorter plan). Standard library only: the launcher calls
@@ -68,12 +69,52 @@ def summary_lines(exp_dir: str, total_steps: int) -> list[str]:
     return lines
 
 
+def attempt_files(run_dir: str) -> list[str]:
+    """RUN_DIR/attempts/<k>.jsonl in the order the attempts ran (k = 0, 1, ...)."""
+    paths = glob.glob(os.path.join(run_dir, "attempts", "*.jsonl"))
+    return sorted(paths, key=lambda p: int(os.path.basename(p).removesuffix(".jsonl")))
+
+
+def merge_attempts(attempts: list[list[dict]]) -> list[dict]:
+    """One run's rows from the metrics files of its attempts, in the order they ran. An attempt that resumed from the
+    checkpoint of step c starts with its validation at step c (trainer.val_before_train): the earlier attempts' rows
+    after c are dropped (that training was redone from the checkpoint), and the two rows of step c are merged (the
+    training metrics of the earlier, the validation of the later)."""
+    rows: dict[int, dict] = {}
+    for attempt in attempts:
+        if not attempt:
+            continue
+        start = min(r["step"] for r in attempt)
+        rows = {step: row for step, row in rows.items() if step <= start}
+        for r in attempt:
+            if r["step"] in rows:
+                rows[r["step"]] = {"step": r["step"], "data": {**rows[r["step"]]["data"], **r["data"]}}
+            else:
+                rows[r["step"]] = r
+    return [rows[step] for step in sorted(rows)]
+
+
+def merge(run_dir: str) -> int:
+    """Writes RUN_DIR/metrics.jsonl from its attempts (atomically); returns the number of rows."""
+    rows = merge_attempts([read_rows(p) for p in attempt_files(run_dir)])
+    tmp = os.path.join(run_dir, METRICS + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, os.path.join(run_dir, METRICS))
+    return len(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["complete", "summary"])
-    parser.add_argument("path", help="a metrics.jsonl (complete) or the experiment folder (summary)")
-    parser.add_argument("--total-steps", type=int, required=True)
+    parser.add_argument("command", choices=["complete", "summary", "merge"])
+    parser.add_argument("path", help="a metrics.jsonl (complete), the experiment folder (summary) or a run's (merge)")
+    parser.add_argument("--total-steps", type=int, default=None, help="complete, summary: the planned steps")
     args = parser.parse_args(argv)
+    if args.command == "merge":
+        print(f"{args.path}: {merge(args.path)} rows")
+        return 0
+    if args.total_steps is None:
+        parser.error(f"{args.command} needs --total-steps")
     if args.command == "complete":
         return 0 if is_complete(args.path, args.total_steps) else 1
     lines = summary_lines(args.path, args.total_steps)

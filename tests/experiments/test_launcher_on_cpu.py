@@ -20,6 +20,7 @@ from tests.verl.fixtures import compose_config
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "experiments"
 ARMS = ["on_policy", "balanced", "conservative", "exploratory", "fixed_alpha_0.5", "fixed_alpha_1", "ess_balance"]
 VAL_KEY = "optimal_sampling/val_policy_only_accuracy"
+KEY = "actor_rollout_ref.rollout.engine_kwargs.optimal_sampling"
 # A stand-in python3: records `-m` calls (NUL-separated args, one file per run), writes a complete metrics file
 # unless the run's experiment name is in $FAIL_RUNS, and hands every other call to the real interpreter.
 FAKE_PYTHON = f"""#!/usr/bin/env bash
@@ -135,8 +136,9 @@ def test_every_arm_composes_with_its_sampler_and_identical_grpo_settings(tmp_pat
         assert shared is None or grpo == shared, (arm, grpo ^ shared)
         shared = grpo
         metrics = task_dir.parent / arm / "seed0" / "metrics.jsonl"
-        assert f"VERL_FILE_LOGGER_PATH={metrics}" in " ".join(overrides)
+        assert f"VERL_FILE_LOGGER_PATH={metrics.parent / 'attempts' / '0.jsonl'}" in " ".join(overrides)
         assert json.loads((metrics.parent / "run.json").read_text())["complete"] is True
+        assert "trainer.save_freq=-1" in overrides and "trainer.resume_mode=auto" not in overrides
     assert "complete" in result.stdout and "INCOMPLETE" not in result.stdout
 
 
@@ -230,3 +232,83 @@ def test_jobs_runs_just_the_listed_runs_and_the_mixed_arms_compose(tmp_path, tas
         assert os_config.sampler_config() == sampler_of(balanced)[0].sampler_config()
         differ = {o for o in set(overrides) ^ set(balanced) if "seed" not in o and "exp_" not in o}
         assert differ == {f"actor_rollout_ref.rollout.engine_kwargs.optimal_sampling.guided_per_prompt={k}"}, differ
+
+
+GUIDED_ARMS = {  # the guided experiment's arms (issue 11): sampler, guided members, estimator, guided_loss, scoring
+    "on_policy": ("fixed", None, "grpo", {}, False),
+    "opd": ("fixed", None, "optimal_sampling_guided", {"critic_coef": 1.0}, True),
+    "control": ("kl_symmetry", None, "grpo", {}, False),
+    "mixed": ("kl_symmetry", 1, "grpo", {}, False),
+    "imitation": ("kl_symmetry", None, "optimal_sampling_guided", {"mode": "imitation"}, False),
+    "imitation_critic": (
+        "kl_symmetry", None, "optimal_sampling_guided",
+        {"mode": "imitation", "critic_coef": 1.0, "critic_rows": "guided"}, False,
+    ),
+    "positive": ("kl_symmetry", None, "optimal_sampling_guided", {"mode": "positive_only"}, False),
+    "mixed_pb": ("kl_symmetry", 1, "optimal_sampling_guided", {"baseline": "policy", "mode": "positive_only"}, False),
+    "mixed_pb_critic": (
+        "kl_symmetry", 1, "optimal_sampling_guided",
+        {"baseline": "policy", "mode": "positive_only", "critic_coef": 1.0}, True,
+    ),
+}  # fmt: skip
+
+
+def test_guided_arms_compose_on_the_carry_task_with_their_loss_learning_rate_and_checkpoints(tmp_path, task_dir):
+    """TASK=carry: the worked answers' response budget; each guided arm is the pilot spec of the same name (sampler,
+    guided members, estimator, guided_loss block, teacher scoring), ARM_LRS gives arms their own learning rate, and
+    SAVE_FREQ makes the runs resumable from verl's checkpoints; every other setting is shared."""
+    from recipe.optimal_sampling.loss import GuidedLossConfig
+
+    result = launch(
+        tmp_path, task_dir, TASK="carry", SEEDS="0", ARMS=" ".join(GUIDED_ARMS), GPUS="0", PER_GPU="9",
+        ARM_LRS="opd=3e-4 mixed_pb_critic=2e-4", SAVE_FREQ="10",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    shared = None
+    for arm, (alpha_method, k, estimator, loss, scored) in GUIDED_ARMS.items():
+        overrides = recorded(tmp_path, f"exp_{arm}_seed0")
+        os_config, config = sampler_of(overrides)
+        assert (os_config.alpha_method, os_config.guided_per_prompt) == (alpha_method, k), arm
+        assert config.algorithm.adv_estimator == estimator, arm
+        assert GuidedLossConfig.from_mapping(config.guided_loss).changed() == loss, arm
+        assert os_config.score_policy_samples == scored, arm
+        assert config.data.max_response_length == 13
+        assert config.actor_rollout_ref.actor.optim.lr == {"opd": 3e-4, "mixed_pb_critic": 2e-4}.get(arm, 1e-4), arm
+        run_dir = task_dir.parent / arm / "seed0"
+        trainer = config.trainer
+        assert (trainer.save_freq, trainer.resume_mode, trainer.default_local_dir) == (10, "auto", f"{run_dir}/ckpt")
+        assert trainer.max_actor_ckpt_to_keep == 1
+        differ = ("sampler=", "trainer.experiment_name", "+ray_kwargs", "algorithm.adv_estimator", "guided_loss.")
+        grpo = {o for o in overrides if not o.startswith(differ) and "optim.lr=" not in o and "/ckpt" not in o}
+        grpo = {o for o in grpo if not o.startswith(f"{KEY}.") or "_path=" in o or "template=" in o}
+        assert shared is None or grpo == shared, (arm, grpo ^ shared)
+        shared = grpo
+
+
+def test_a_resumed_run_merges_its_attempts_into_one_metrics_file(tmp_path):
+    """verl's file logger truncates its file at start: each attempt logs to its own file and `run_status.py merge`
+    keeps the earlier attempt's rows up to the checkpoint the later one resumed from (merging the two rows of that
+    step: training metrics and validation), the later attempt's rows after it."""
+    sys.path.insert(0, str(SCRIPTS))
+    import run_status
+
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    first = [  # validation at 0, steps 1-13 (checkpoint at 10, validation every 5), killed after 13
+        {"step": 0, "data": {VAL_KEY: 0.0}},
+        *({"step": s, "data": {"timing_s/step": 1.0, "attempt": 0, **({VAL_KEY: s / 100} if s % 5 == 0 else {})}}
+          for s in range(1, 14)),
+    ]  # fmt: skip
+    second = [  # resumed from step 10: validation at 10, then steps 11-12, killed again
+        {"step": 10, "data": {VAL_KEY: 0.5}},
+        *({"step": s, "data": {"timing_s/step": 2.0, "attempt": 1}} for s in (11, 12)),
+    ]
+    for i, rows in enumerate((first, second)):
+        (attempts / f"{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (attempts / "10.jsonl").write_text("")  # attempts sort by number, not name; an empty one changes nothing
+    assert run_status.main(["merge", str(tmp_path)]) == 0
+    merged = run_status.read_rows(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in merged] == list(range(13))  # step 13 was redone and lost with the second attempt
+    assert merged[10]["data"] == {"timing_s/step": 1.0, "attempt": 0, VAL_KEY: 0.5}  # training of 0, validation of 1
+    assert [merged[s]["data"]["attempt"] for s in (9, 11, 12)] == [0, 1, 1]
+    assert not run_status.is_complete(str(tmp_path / "metrics.jsonl"), 12)  # no validation at step 12

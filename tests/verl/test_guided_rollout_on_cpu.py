@@ -184,6 +184,11 @@ def test_the_trainer_hands_transfer_queue_fields_to_the_registered_estimator(ser
     own = rewards[~guided].double().mean().item()
     assert trainer._policy_reward == pytest.approx(own)
     assert metrics["optimal_sampling/guidance"] == 1.0 and metrics["optimal_sampling/critic_coef"] == 0.5
+    # what the critic saw: every token of these responses has a teacher score (guided ones from lockstep decoding,
+    # policy ones from the prefill); the log-ratio's mean over all tokens, in float64
+    ratios = [t - p for o in flat for t, p in zip(o.traces["dual_logp_teacher"], o.traces["dual_logp_policy"])]
+    assert metrics["optimal_sampling/critic_scored_frac"] == 1.0
+    assert metrics["optimal_sampling/critic_logratio_mean"] == pytest.approx(np.mean(ratios), abs=1e-6)
     trainer.global_steps = 2
     trainer.on_sample_begin()  # own reward 0.5 reaches the threshold 0.5: guidance 0, no guided member left
     try:

@@ -99,20 +99,36 @@ def policy_reward_mean(scores: Tensor, guided: Tensor) -> float | None:
     return float(own.double().mean()) if own.numel() else None
 
 
-def read_step_inputs(batch, step: int, guidance: float, config: GuidedLossConfig) -> tuple[GuidedStepInputs, Tensor]:
+def critic_metrics(inputs: GuidedStepInputs, mask: Tensor, keep: Tensor) -> dict[str, float]:
+    """What the teacher critic saw this step, over the response tokens of the rows in `keep` (B,) bool, mask (B, T):
+    `critic_scored_frac`, the share of tokens with a teacher score, and `critic_logratio_mean`, the mean of
+    log pi_t(y_t) - log pi_theta_old(y_t) over those (minus a per-token estimate of KL(pi_theta || pi_t) on the
+    policy's rows); the latter is left out when no token was scored."""
+    ell = inputs.logp_teacher.double() - inputs.logp_policy.double()  # (B, T)
+    on = mask.bool() & keep[:, None]  # (B, T)
+    scored = on & torch.isfinite(ell)  # (B, T)
+    out = {"critic_scored_frac": float(scored.sum() / on.sum().clamp(min=1))}
+    if scored.any():
+        out["critic_logratio_mean"] = float(ell[scored].mean())
+    return out
+
+
+def read_step_inputs(
+    batch, step: int, guidance: float, config: GuidedLossConfig
+) -> tuple[GuidedStepInputs, Tensor, Tensor]:
     """The estimator's inputs from TransferQueue, rows in `batch.keys` order (as verl's own `_compute_advantage`
-    reads them), and the per-response scores (B,)."""
+    reads them), the per-response scores (B,) and the response mask (B, T)."""
     import transfer_queue as tq
 
     from .server import GUIDED_KEY
 
-    select = ["dual_logp_teacher", "old_log_probs", "rm_scores"]
+    select = ["dual_logp_teacher", "old_log_probs", "rm_scores", "response_mask"]
     data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[*select, "extra_fields"])
     extra = data.pop("extra_fields").tolist()
     guided = torch.tensor([bool(e[GUIDED_KEY]) for e in extra])  # (B,) as the server flags each response
     pad = {n: torch.nested.to_padded_tensor(data[n], 0.0) if data[n].is_nested else data[n] for n in select}
     inputs = GuidedStepInputs(guided, pad["dual_logp_teacher"], pad["old_log_probs"], step, guidance, config)
-    return inputs, pad["rm_scores"].sum(dim=-1)
+    return inputs, pad["rm_scores"].sum(dim=-1), pad["response_mask"]
 
 
 # ---- start-up checks --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ..metrics import PREFIX, reduce_metrics
 from . import TRAINER_MODE
 from .agent_loop import TRACE_FIELDS
 from .config import OptimalSamplingConfig
-from .guided import GUIDED_ESTIMATOR, guided_step, policy_reward_mean, read_step_inputs
+from .guided import GUIDED_ESTIMATOR, critic_metrics, guided_step, policy_reward_mean, read_step_inputs
 from .server import FAST_ENGINE_KEY, FORWARD_TOKEN_KEYS, GUIDED_KEY, TRACE_PREFIX
 
 
@@ -168,7 +168,7 @@ class OptimalSamplingTrainer(PPOTrainerSync):
         if self.config.algorithm.adv_estimator != GUIDED_ESTIMATOR:
             return super()._compute_advantage(batch, metrics)
         loss, guidance = self._guided_loss(), self._guidance()
-        inputs, scores = read_step_inputs(batch, self.global_steps, guidance, loss)
+        inputs, scores, mask = read_step_inputs(batch, self.global_steps, guidance, loss)
         with guided_step(inputs):
             batch = super()._compute_advantage(batch, metrics)
         keep = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])  # (B,)
@@ -176,6 +176,8 @@ class OptimalSamplingTrainer(PPOTrainerSync):
         beta = critic_coef(self.global_steps, loss.critic_coef, loss.critic_schedule, loss.critic_end_step)
         metrics[PREFIX + "guidance"] = guidance
         metrics[PREFIX + "critic_coef"] = beta * guidance if loss.fade_critic else beta
+        if loss.critic_on:
+            metrics.update({PREFIX + k: v for k, v in critic_metrics(inputs, mask, keep).items()})
         return batch
 
     def _guided_loss(self) -> GuidedLossConfig:
