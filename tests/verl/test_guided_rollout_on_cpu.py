@@ -186,7 +186,9 @@ def test_the_trainer_hands_transfer_queue_fields_to_the_registered_estimator(ser
     assert metrics["optimal_sampling/guidance"] == 1.0 and metrics["optimal_sampling/critic_coef"] == 0.5
     # what the critic saw: every token of these responses has a teacher score (guided ones from lockstep decoding,
     # policy ones from the prefill); the log-ratio's mean over all tokens, in float64
-    ratios = [t - p for o in flat for t, p in zip(o.traces["dual_logp_teacher"], o.traces["dual_logp_policy"])]
+    ratios = [
+        t - p for o in flat for t, p in zip(o.traces["dual_logp_teacher"], o.traces["dual_logp_policy"], strict=True)
+    ]
     assert metrics["optimal_sampling/critic_scored_frac"] == 1.0
     assert metrics["optimal_sampling/critic_logratio_mean"] == pytest.approx(np.mean(ratios), abs=1e-6)
     trainer.global_steps = 2
