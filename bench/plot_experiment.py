@@ -37,6 +37,7 @@ POLICY_TOKENS = "optimal_sampling/policy_forward_tokens"
 TEACHER_TOKENS = "optimal_sampling/teacher_forward_tokens"
 STEP_SECONDS = "timing_s/step"
 REACH = ("step", "tokens", "seconds")  # what first_reach returns
+SLACK = 0.01  # equal_compute_table: a budget's relative slack (seeds of one arm differ a little in compute)
 ARM_ORDER = (
     *("on_policy", "balanced", "conservative", "exploratory", "fixed_alpha_0.5", "fixed_alpha_1", "ess_balance"),
     *("mixed_1of8", "mixed_4of8"),
@@ -73,22 +74,35 @@ class Run:
 
     steps: np.ndarray  # (K,) validation steps (0 = before training)
     acc: np.ndarray  # (K,) held-out policy-only accuracy
-    tokens: np.ndarray  # (K,) cumulative rollout forward tokens (policy + teacher_cost x teacher)
+    tokens: np.ndarray  # (K,) cumulative compute: (1 + train_cost) x policy + teacher_cost x teacher forward tokens
     seconds: np.ndarray  # (K,) cumulative wall-clock of the steps
-    train_rows: list[dict]  # the metrics of each training step (step >= 1)
+    train_rows: list[dict]  # the metrics of each training step (step >= 1) that were logged
     measured_on: str = ""  # the card and its load, from run.json beside the metrics ("" when unknown)
+    estimated: tuple[int, ...] = ()  # training steps whose metrics were lost (resume), compute taken from neighbours
 
 
-def build_run(rows: list[dict], teacher_cost: float = 1.0) -> Run:
-    """Validation points of one run with cumulative compute. A training step without the token or timing metrics
-    is an error: the x-axes would silently be wrong."""
-    train = sorted((r for r in rows if r["step"] >= 1), key=lambda r: r["step"])
-    for r in train:
-        missing = [k for k in (POLICY_TOKENS, TEACHER_TOKENS, STEP_SECONDS) if r["data"].get(k) is None]
-        if missing:
-            raise ValueError(f"step {r['step']} has no {missing}: were the runs made with scripts/experiments?")
-    cost = {r["step"]: r["data"][POLICY_TOKENS] + teacher_cost * r["data"][TEACHER_TOKENS] for r in train}
+def build_run(rows: list[dict], teacher_cost: float = 1.0, train_cost: float = 0.0) -> Run:
+    """Validation points of one run with cumulative compute. A training step (1 .. the last step) whose token and
+    timing metrics are missing, as when a run stopped between verl's checkpoint of the step and its log line was
+    resumed from that checkpoint, gets the mean compute of its nearest logged neighbours and is listed in
+    `estimated`; a run that logged no training step is an error (the x-axes would silently be wrong)."""
+    keys = (POLICY_TOKENS, TEACHER_TOKENS, STEP_SECONDS)
+    train = sorted((r for r in rows if r["step"] >= 1 and all(r["data"].get(k) is not None for k in keys)),
+                   key=lambda r: r["step"])  # fmt: skip
+    last = max((r["step"] for r in rows), default=0)
+    if last >= 1 and not train:
+        raise ValueError(f"no training step has {list(keys)}: were the runs made with scripts/experiments?")
+    cost = {  # the trainer recomputes and updates on the same sequences the policy ran forward in the rollout
+        r["step"]: (1 + train_cost) * r["data"][POLICY_TOKENS] + teacher_cost * r["data"][TEACHER_TOKENS] for r in train
+    }
     wall = {r["step"]: r["data"][STEP_SECONDS] for r in train}
+    estimated = tuple(s for s in range(1, last + 1) if s not in cost)
+    logged = sorted(cost)
+    for s in estimated:
+        before = [t for t in logged if t < s][-1:]
+        after = [t for t in logged if t > s][:1]
+        cost[s] = float(np.mean([cost[t] for t in before + after]))
+        wall[s] = float(np.mean([wall[t] for t in before + after]))
     val = sorted((r["step"], r["data"][ACC]) for r in rows if r["data"].get(ACC) is not None)
     steps = np.array([s for s, _ in val], dtype=np.int64)
     return Run(
@@ -97,10 +111,11 @@ def build_run(rows: list[dict], teacher_cost: float = 1.0) -> Run:
         tokens=np.array([sum(v for k, v in cost.items() if k <= s) for s in steps], dtype=np.float64),
         seconds=np.array([sum(v for k, v in wall.items() if k <= s) for s in steps], dtype=np.float64),
         train_rows=[r["data"] for r in train],
+        estimated=estimated,
     )
 
 
-def load_runs(exp_dir: str, teacher_cost: float = 1.0) -> dict[str, dict[int, Run]]:
+def load_runs(exp_dir: str, teacher_cost: float = 1.0, train_cost: float = 0.0) -> dict[str, dict[int, Run]]:
     """{arm: {seed: Run}} for every EXP_DIR/<arm>/seed<k>/metrics.jsonl (or its compact .gz), arms in the issue's
     order."""
     runs: dict[str, dict[int, Run]] = {}
@@ -110,7 +125,7 @@ def load_runs(exp_dir: str, teacher_cost: float = 1.0) -> dict[str, dict[int, Ru
         match = re.fullmatch(r"seed(\d+)", seed_dir)
         rows = read_rows(path)
         if match and rows:
-            run = build_run(rows, teacher_cost)
+            run = build_run(rows, teacher_cost, train_cost)
             run.measured_on = measured_on(os.path.join(os.path.dirname(path), "run.json"))
             runs.setdefault(arm, {})[int(match.group(1))] = run
     if not runs:
@@ -223,9 +238,9 @@ def pooled(runs: dict[str, dict[int, Run]], other: dict[str, dict[int, Run]]) ->
     return in_arm_order(out)
 
 
-def target_table(runs: dict[str, dict[int, Run]], target: float) -> str:
+def target_table(runs: dict[str, dict[int, Run]], target: float, compute: str = "forward tokens") -> str:
     lines = [
-        f"| arm | seeds reaching {target:g} | steps | forward tokens | seconds | seconds measured on |",
+        f"| arm | seeds reaching {target:g} | steps | {compute} | seconds | seconds measured on |",
         "|---|---|---|---|---|---|",
     ]
     for arm, seeds in runs.items():
@@ -263,7 +278,34 @@ def curve_band(seeds: dict[int, Run], x_of) -> tuple[np.ndarray, np.ndarray, np.
     return np.stack(xs).mean(axis=0), acc.mean(axis=0), std, np.asarray(common)
 
 
-def plot_curves(runs: dict[str, dict[int, Run]], path: str, target: float | None = None) -> None:
+def equal_compute_table(runs: dict[str, dict[int, Run]], ref: str, fractions=(0.25, 0.5, 1.0, 2.0)) -> str:
+    """Accuracy of every arm at budgets of compute given as fractions of arm `ref`'s mean compute at its last step:
+    per seed, the last validation whose cumulative compute is within the budget, with 1% of slack for the seeds'
+    spread around the mean (a run that ended below a budget counts with its last validation; such cells are marked
+    *)."""
+    if ref not in runs:
+        raise ValueError(f"--compute-ref {ref!r} is not an arm here (arms: {', '.join(runs)})")
+    full = float(np.mean([r.tokens[-1] for r in runs[ref].values()]))
+    head = " | ".join(f"{f:g} x {ref} ({f * full:.3g})" for f in fractions)
+    lines = [f"| arm | seeds | {head} |", "|---" * (2 + len(fractions)) + "|"]
+    for arm, seeds in runs.items():
+        cells = []
+        for f in fractions:
+            budget = f * full * (1 + SLACK)
+            accs = [float(r.acc[np.nonzero(r.tokens <= budget)[0][-1]]) for r in seeds.values()]
+            ended = any(r.tokens[-1] * (1 + SLACK) < f * full for r in seeds.values())
+            cells.append(fmt(accs, len(seeds)) + (" *" if ended else ""))
+        lines.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(
+    runs: dict[str, dict[int, Run]],
+    path: str,
+    target: float | None = None,
+    compute: str = "rollout forward tokens",
+    task: str = "addition",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,7 +313,7 @@ def plot_curves(runs: dict[str, dict[int, Run]], path: str, target: float | None
 
     axes_spec = (
         ("GRPO step", lambda r: r.steps.astype(np.float64)),
-        ("rollout forward tokens (policy + teacher)", lambda r: r.tokens),
+        (f"{compute} (policy + teacher)", lambda r: r.tokens),
         ("wall-clock of the steps (s)", lambda r: r.seconds),
     )
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
@@ -293,7 +335,7 @@ def plot_curves(runs: dict[str, dict[int, Run]], path: str, target: float | None
     handles, labels = axes[0].get_legend_handles_labels()
     rows = math.ceil(len(labels) / 5)
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=9, frameon=False)
-    fig.suptitle("GRPO on the addition task: policy-only held-out accuracy, mean ± std over seeds")
+    fig.suptitle(f"GRPO on the {task} task: policy-only held-out accuracy, mean ± std over seeds")
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -319,28 +361,55 @@ def main(argv=None) -> None:
     parser.add_argument("--at-steps", default="0,10,20,30,40", help="comma-separated validation steps for the table")
     parser.add_argument("--teacher-cost", type=float, default=1.0, help="a teacher forward token in policy tokens")
     parser.add_argument(
+        "--train-cost",
+        type=float,
+        default=0.0,
+        help="training compute per rollout policy token, in policy forward tokens (e.g. 4: the old-log-prob forward "
+        "and a forward + backward of the update); 0 = rollout only",
+    )
+    parser.add_argument("--compute-ref", default=None, help="an arm: adds accuracy at fractions of its compute")
+    parser.add_argument("--task", default="addition", help="the task's name, for the plot's title")
+    parser.add_argument(
         "--replicates",
         default=None,
         help="another launch of the same arms and seeds (complete or stopped early): run-to-run differences and "
         "accuracy pooled over both launches, as extra tables",
     )
     args = parser.parse_args(argv)
-    if not (0 < args.target <= 1 and args.teacher_cost >= 0 and math.isfinite(args.teacher_cost)):
-        raise ValueError(f"--target must be in (0, 1] and --teacher-cost >= 0, got {args.target}, {args.teacher_cost}")
+    costs = (args.teacher_cost, args.train_cost)
+    if not (0 < args.target <= 1 and all(c >= 0 and math.isfinite(c) for c in costs)):
+        raise ValueError(
+            f"--target must be in (0, 1], --teacher-cost and --train-cost >= 0: got {args.target}, {costs[0]}, "
+            f"{costs[1]}"
+        )
     at_steps = [int(s) for s in args.at_steps.split(",") if s.strip()]
-    runs = load_runs(args.exp_dir, args.teacher_cost)
+    runs = load_runs(args.exp_dir, args.teacher_cost, args.train_cost)
+    compute = "compute in policy-token forwards" if args.train_cost else "forward tokens"
+    axis = compute if args.train_cost else "rollout forward tokens"
     os.makedirs(args.out, exist_ok=True)
-    plot_curves(runs, os.path.join(args.out, "curves.png"), args.target)
+    plot_curves(runs, os.path.join(args.out, "curves.png"), args.target, axis, args.task)
     tables = [
         "### Held-out accuracy of the policy alone (greedy), mean ± std over seeds\n\n"
         + accuracy_table(runs, at_steps),
         f"### To reach accuracy {args.target:g} (first validation at or above it)\n\n"
-        + target_table(runs, args.target),
+        + target_table(runs, args.target, compute),
         f"### Each seed at step {at_steps[-1]}\n\n" + seed_table(runs, at_steps[-1]),
         "### Per-arm statistics (means over training steps and seeds)\n\n" + stats_table(runs),
     ]
+    if args.compute_ref:
+        tables.append(
+            f"### Accuracy at equal compute ({compute}, fractions of {args.compute_ref}'s at its last step)\n\n"
+            + equal_compute_table(runs, args.compute_ref)
+        )
+    lost = [f"{arm}/seed{seed}: step {', '.join(map(str, r.estimated))}"
+            for arm, seeds in runs.items() for seed, r in seeds.items() if r.estimated]  # fmt: skip
+    if lost:
+        tables.append(
+            "### Steps whose metrics were lost at a resume (compute: the mean of the neighbouring steps)\n\n"
+            + "\n".join(f"- {line}" for line in lost)
+        )
     if args.replicates:
-        other = load_runs(args.replicates, args.teacher_cost)
+        other = load_runs(args.replicates, args.teacher_cost, args.train_cost)
         both = pooled(runs, other)
         tables += [
             "### The same arm and seed, launched twice (this launch against --replicates)\n\n"

@@ -6,8 +6,9 @@
 # GRPO setting below is shared by all arms: only the sampler and how guided samples enter the loss differ (and the
 # learning rate, when ARM_LRS gives an arm its own). The policy alone (no teacher, greedy) is evaluated on the
 # held-out set before training and every TEST_FREQ steps.
-# Resume: with SAVE_FREQ > 0 verl checkpoints the run every SAVE_FREQ steps into RUN_DIR/ckpt (the latest only) and a
-# rerun of a stopped run resumes from there (trainer.resume_mode=auto). verl's file logger truncates its file at
+# Resume: with SAVE_FREQ > 0 verl checkpoints the run every SAVE_FREQ steps into RUN_DIR/ckpt (the latest two) and a
+# rerun of a stopped run resumes from there (trainer.resume_mode=auto), from the latest checkpoint whose step's
+# metrics were logged (`run_status.py rewind`: verl saves before it logs). verl's file logger truncates its file at
 # start, so every attempt logs to RUN_DIR/attempts/ and `run_status.py merge` rebuilds metrics.jsonl from them.
 # Usually started by run_all.sh; alone: ARM=balanced SEED=0 bash scripts/experiments/run_arm.sh  (DRY_RUN=1 prints).
 set -xeuo pipefail
@@ -172,7 +173,7 @@ CMD=(python3 -m recipe.optimal_sampling.main
 )
 if [ "${SAVE_FREQ}" -gt 0 ]; then                             # resumable: the latest checkpoint only
     CMD+=(trainer.save_freq="${SAVE_FREQ}" trainer.resume_mode=auto trainer.default_local_dir="${RUN_DIR}/ckpt"
-        trainer.max_actor_ckpt_to_keep=1)
+        trainer.max_actor_ckpt_to_keep=2)
 else
     CMD+=(trainer.save_freq=-1)
 fi
@@ -188,6 +189,7 @@ if [ "${DEADLINE_EPOCH}" -gt 0 ] && [ "${left}" -lt "${MIN_RUN_S}" ]; then
     exit 3
 fi
 mkdir -p "${RUN_DIR}/attempts"
+[ "${SAVE_FREQ}" -gt 0 ] && python3 "${HERE}/run_status.py" rewind "${RUN_DIR}"
 cd "${REPO}"
 export VERL_FILE_LOGGER_PATH=${ATTEMPT}
 start=$(date +%s)
@@ -208,7 +210,8 @@ complete=false
 python3 "${HERE}/run_status.py" complete "${METRICS}" --total-steps "${TOTAL_STEPS}" && complete=true
 # the card's name and how many runs shared it: seconds compare only on one kind of card under one load
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader -i "${CUDA_VISIBLE_DEVICES:-0}" 2>/dev/null | head -1) || device=none
-printf '{"arm": "%s", "seed": %s, "exit_code": %s, "complete": %s, "seconds": %s, "start": %s, "cuda_visible_devices": "%s", "lr": "%s", "total_steps": %s, "device": "%s", "runs_per_gpu": %s}\n' \
+# seconds and start: this attempt's (a resumed run's earlier attempts are in train.log); attempts: how many ran
+printf '{"arm": "%s", "seed": %s, "exit_code": %s, "complete": %s, "seconds": %s, "start": %s, "cuda_visible_devices": "%s", "lr": "%s", "total_steps": %s, "device": "%s", "runs_per_gpu": %s, "attempts": %s}\n' \
     "${ARM}" "${SEED}" "${rc}" "${complete}" "$((end - start))" "${start}" "${CUDA_VISIBLE_DEVICES:-}" "${LR}" "${TOTAL_STEPS}" \
-    "${device:-none}" "${RUNS_PER_GPU}" > "${RUN_DIR}/run.json"
+    "${device:-none}" "${RUNS_PER_GPU}" "$((${#earlier[@]} + 1))" > "${RUN_DIR}/run.json"
 [ "${complete}" = true ]

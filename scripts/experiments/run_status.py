@@ -5,6 +5,7 @@ them) or compact (`metrics.jsonl.gz`, as compact_metrics.py commits them).
     python3 scripts/experiments/run_status.py complete RUN_DIR/metrics.jsonl --total-steps 30   # exit 0 = complete
     python3 scripts/experiments/run_status.py summary EXP_DIR --total-steps 30                  # one line per run
     python3 scripts/experiments/run_status.py merge RUN_DIR          # metrics.jsonl from RUN_DIR/attempts/*.jsonl
+    python3 scripts/experiments/run_status.py rewind RUN_DIR         # resume only from a step whose metrics exist
 
 A run is complete when its file has a line for a step >= `total_steps` that carries the held-out policy-only accuracy
 (the last step always validates; a longer run counts for a shorter plan). Standard library only: the launcher calls
@@ -104,14 +105,50 @@ def merge(run_dir: str) -> int:
     return len(rows)
 
 
+TRAIN_KEY = "timing_s/step"  # in every training step's row (verl's timing), never in a validation-only row
+
+
+def rewind(run_dir: str) -> int | None:
+    """Makes RUN_DIR/ckpt resume from the latest checkpoint whose step's training metrics were logged, and returns
+    that step (None: start from scratch). verl saves a step's checkpoint before it logs the step's metrics, so a run
+    stopped in between leaves a checkpoint whose metrics are lost: resuming from it would leave a hole in the compute
+    accounting. Such a checkpoint is deleted (the run keeps two: trainer.max_actor_ckpt_to_keep=2) and the step is
+    trained again from the one before."""
+    import shutil
+
+    ckpt = os.path.join(run_dir, "ckpt")
+    tracker = os.path.join(ckpt, "latest_checkpointed_iteration.txt")
+    if not os.path.exists(tracker):
+        return None
+    path = existing_metrics(os.path.join(run_dir, METRICS))
+    logged = {r["step"] for r in read_rows(path) if TRAIN_KEY in r["data"]} if path else set()
+    steps = sorted(
+        int(d.removeprefix("global_step_"))
+        for d in os.listdir(ckpt)
+        if d.startswith("global_step_") and os.path.isdir(os.path.join(ckpt, d, "actor"))
+    )
+    while steps and steps[-1] not in logged:
+        shutil.rmtree(os.path.join(ckpt, f"global_step_{steps.pop()}"))
+    if not steps:
+        shutil.rmtree(ckpt)
+        return None
+    with open(tracker, "w") as f:
+        f.write(str(steps[-1]))
+    return steps[-1]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["complete", "summary", "merge"])
+    parser.add_argument("command", choices=["complete", "summary", "merge", "rewind"])
     parser.add_argument("path", help="a metrics.jsonl (complete), the experiment folder (summary) or a run's (merge)")
     parser.add_argument("--total-steps", type=int, default=None, help="complete, summary: the planned steps")
     args = parser.parse_args(argv)
     if args.command == "merge":
         print(f"{args.path}: {merge(args.path)} rows")
+        return 0
+    if args.command == "rewind":
+        step = rewind(args.path)
+        print(f"{args.path}: " + ("from scratch" if step is None else f"resumes from step {step}"))
         return 0
     if args.total_steps is None:
         parser.error(f"{args.command} needs --total-steps")

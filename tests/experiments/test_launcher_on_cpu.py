@@ -277,7 +277,7 @@ def test_guided_arms_compose_on_the_carry_task_with_their_loss_learning_rate_and
         run_dir = task_dir.parent / arm / "seed0"
         trainer = config.trainer
         assert (trainer.save_freq, trainer.resume_mode, trainer.default_local_dir) == (10, "auto", f"{run_dir}/ckpt")
-        assert trainer.max_actor_ckpt_to_keep == 1
+        assert trainer.max_actor_ckpt_to_keep == 2
         differ = ("sampler=", "trainer.experiment_name", "+ray_kwargs", "algorithm.adv_estimator", "guided_loss.")
         grpo = {o for o in overrides if not o.startswith(differ) and "optim.lr=" not in o and "/ckpt" not in o}
         grpo = {o for o in grpo if not o.startswith(f"{KEY}.") or "_path=" in o or "template=" in o}
@@ -312,3 +312,26 @@ def test_a_resumed_run_merges_its_attempts_into_one_metrics_file(tmp_path):
     assert merged[10]["data"] == {"timing_s/step": 1.0, "attempt": 0, VAL_KEY: 0.5}  # training of 0, validation of 1
     assert [merged[s]["data"]["attempt"] for s in (9, 11, 12)] == [0, 1, 1]
     assert not run_status.is_complete(str(tmp_path / "metrics.jsonl"), 12)  # no validation at step 12
+
+
+def test_a_run_resumes_from_the_latest_checkpoint_whose_metrics_were_logged(tmp_path):
+    """verl saves a step's checkpoint before it logs the step: a run stopped in between has a checkpoint whose metrics
+    are lost. `rewind` drops it and points verl's tracker at the one before, so that the step is trained again."""
+    sys.path.insert(0, str(SCRIPTS))
+    import run_status
+
+    ckpt = tmp_path / "ckpt"
+    for step in (20, 30):
+        (ckpt / f"global_step_{step}" / "actor").mkdir(parents=True)
+    (ckpt / "global_step_10").mkdir()  # an older step whose actor verl already pruned: not a resume point
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("30")
+    rows = [{"step": s, "data": {"timing_s/step": 1.0}} for s in range(1, 30)]  # killed after saving step 30
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_status.rewind(str(tmp_path)) == 20
+    assert not (ckpt / "global_step_30").exists() and (ckpt / "global_step_20" / "actor").is_dir()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "20"
+    assert run_status.rewind(str(tmp_path)) == 20  # idempotent
+    # a validation-only row (the resumed attempt's) does not count as the step's training metrics
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 20, "data": {VAL_KEY: 0.1}}) + "\n")
+    assert run_status.rewind(str(tmp_path)) is None and not ckpt.exists()  # nothing left: from scratch
+    assert run_status.rewind(str(tmp_path)) is None

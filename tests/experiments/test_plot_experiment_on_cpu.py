@@ -122,6 +122,63 @@ def test_teacher_cost_weights_the_teacher_tokens(exp_dir):
     assert run.seconds.tolist() == pytest.approx([0.0, sum(s for *_, s in costs[:2]), sum(s for *_, s in costs)])
 
 
+def test_train_cost_counts_the_trained_sequences_in_policy_forwards(exp_dir):
+    run = plot.load_runs(str(exp_dir), teacher_cost=2.0, train_cost=4.0)["balanced"][1]
+    costs = [step_cost("balanced", 1, s) for s in range(1, 5)]
+    assert run.tokens.tolist() == [
+        0.0,
+        sum(5 * p + 2 * t for p, t, _ in costs[:2]),
+        sum(5 * p + 2 * t for p, t, _ in costs),
+    ]
+
+
+def test_a_step_whose_metrics_were_lost_gets_its_neighbours_compute(tmp_path):
+    """A run resumed from a checkpoint whose step was never logged: that step has only the resumed attempt's
+    validation row. Its compute is the mean of the steps around it, and the run lists it."""
+    write_run(tmp_path, "on_policy", 0, ACCURACY["on_policy"][0])
+    path = tmp_path / "on_policy" / "seed0" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[2]["data"] = {ACC: 0.2}  # step 2: training metrics lost, validation kept
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = plot.load_runs(str(tmp_path))["on_policy"][0]
+    assert run.estimated == (2,)
+    c = {s: step_cost("on_policy", 0, s) for s in range(1, 5)}
+    step2 = ((c[1][0] + c[3][0]) / 2, (c[1][2] + c[3][2]) / 2)  # tokens, seconds
+    assert run.tokens.tolist() == pytest.approx([0.0, c[1][0] + step2[0], c[1][0] + step2[0] + c[3][0] + c[4][0]])
+    assert run.seconds[1] == pytest.approx(c[1][2] + step2[1])
+    assert len(run.train_rows) == 3  # the statistics read only what was logged
+    out = tmp_path / "report"
+    plot.main(["--exp-dir", str(tmp_path), "--out", str(out), "--at-steps", "0,4"])
+    assert "- on_policy/seed0: step 2" in (out / "tables.md").read_text()
+
+
+def test_equal_compute_table_against_a_naive_reference(exp_dir):
+    """Each arm's accuracy at fractions of the reference arm's mean final compute: per seed, the last validation
+    within the budget (1% slack); * where a seed ended below the budget."""
+    runs = plot.load_runs(str(exp_dir), teacher_cost=2.0)
+    table = plot.equal_compute_table(runs, "on_policy", fractions=(0.5, 1.0, 2.0))
+    full = statistics.mean(
+        sum(p + 2 * t for p, t, _ in (step_cost("on_policy", seed, s) for s in range(1, 5))) for seed in range(3)
+    )
+    for arm, seeds in ACCURACY.items():
+        row = table_row(table, arm)
+        for col, f in enumerate((0.5, 1.0, 2.0)):
+            accs, ended = [], False
+            for seed, acc in seeds.items():
+                cum = [0.0]
+                for s in range(1, 5):
+                    p, t, _ = step_cost(arm, seed, s)
+                    cum.append(cum[-1] + p + 2 * t)
+                at_val = [cum[s] for s in VAL_STEPS]
+                accs.append([a for a, x in zip(acc, at_val, strict=True) if x <= f * full * 1.01][-1])
+                ended |= at_val[-1] * 1.01 < f * full
+            mean = statistics.mean(accs)
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            assert row[2 + col] == f"{mean:.3f} ± {std:.3f}" + (" *" if ended else ""), (arm, f)
+    with pytest.raises(ValueError, match="--compute-ref 'nope'"):
+        plot.equal_compute_table(runs, "nope")
+
+
 def test_stats_table_averages_over_steps_and_seeds(exp_dir):
     table = plot.stats_table(plot.load_runs(str(exp_dir)))
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
@@ -129,7 +186,8 @@ def test_stats_table_averages_over_steps_and_seeds(exp_dir):
     alpha = [0.1 * seed + 0.01 * step for seed in range(3) for step in range(1, 5)]
     assert row[header.index("alpha mean")] == f"{statistics.mean(alpha):.4g}"
     assert row[header.index("IS w mean")] == "0.5"
-    assert row[header.index("teacher tok/step")] != "" and row[header.index("IS w ESS")] == ""  # never logged
+    assert row[header.index("teacher tok/step")] != "" and "IS w ESS" not in header  # no arm logged it: no column
+    assert row[header.index("teacher tok/step")] and table_row(table, "on_policy")[header.index("IS w mean")] == "0.5"
 
 
 def test_main_writes_plot_tables_and_summary(exp_dir, tmp_path):
