@@ -256,3 +256,16 @@ def test_weight_sync_replaces_the_servers_policy(rollout, checkpoints):
     finally:  # back to the original policy, without lm_head (as an engine that drops tied weights would send)
         original = {k: v for k, v in load(checkpoints["policy"]).state_dict().items() if k != "lm_head.weight"}
         asyncio.run(adapter.update_weights(iter(original.items()), global_steps=0))
+
+
+def test_weights_cross_to_the_server_in_the_rollout_dtype_only_from_a_gpu():
+    """`to_wire`: GPU tensors are cast to the servers' dtype before the host copy (half the bytes of fp32 master
+    weights); CPU tensors (these tests' CPU servers compute in float32) and integer tensors keep theirs."""
+    from recipe.optimal_sampling.verl.adapter import to_wire
+
+    weight = torch.randn(3, 4)[:, :2]  # a non-contiguous fp32 view
+    sent = to_wire(weight, torch.bfloat16)
+    assert sent.dtype == torch.float32 and sent.is_contiguous() and torch.equal(sent, weight)
+    assert to_wire(torch.arange(3), torch.bfloat16).dtype == torch.int64
+    if torch.cuda.is_available():
+        assert to_wire(weight.cuda(), torch.bfloat16).dtype == torch.bfloat16
