@@ -14,9 +14,9 @@ is the response length. Methods, all in one run on the same engine and requests:
 Floor (GPU): each decode step reads both models' weights once and each row's KV cache up to its position, so
 generating the N tokens with S slots needs at least ceil(N / S) weight reads plus the KV bytes of every token's
 context, at the read bandwidth measured in the same run (prefill is not in the floor). One JSON line per method
-goes to --out with the device's name. Models are built from the public Qwen3 configs below with random bf16 weights
-(no download); --tiny builds 2-layer head_dim-16 models instead and runs anywhere (CPU: the kernels' torch twins,
-no graphs), which is what the smoke test runs. Example on one GPU:
+goes to --out with the device's name. Models are built from the public Qwen3 configs (`tasks.real_shape.ARCH`) with
+random bf16 weights (no download); --tiny builds 2-layer head_dim-16 models instead and runs anywhere (CPU: the
+kernels' torch twins, no graphs), which is what the smoke test runs. Example on one GPU:
     python bench/grpo_rollout.py --policy 4b --teacher 14b --prompts 32 --n 8 --slots 64 \
         --out bench/results/grpo_rollout.jsonl
 """
@@ -38,39 +38,7 @@ from recipe.optimal_sampling import SamplerConfig  # noqa: E402
 from recipe.optimal_sampling.engine.fast.engine import FastDualEngine  # noqa: E402
 from recipe.optimal_sampling.engine.fast.scheduler import ContinuousBatcher, Request, request_seed  # noqa: E402
 from recipe.optimal_sampling.engine.policy_only import policy_only_config  # noqa: E402
-
-# Public Qwen3 configs: hidden, intermediate, layers, heads, kv heads, head_dim, tied embeddings; vocab 151,936.
-ARCH = {
-    "0.6b": (1024, 3072, 28, 16, 8, 128, True),
-    "1.7b": (2048, 6144, 28, 16, 8, 128, True),
-    "4b": (2560, 9728, 36, 32, 8, 128, True),
-    "8b": (4096, 12288, 36, 32, 8, 128, False),
-    "14b": (5120, 17408, 40, 40, 8, 128, False),
-    "tiny": (64, 128, 2, 4, 2, 16, False),
-}
-VOCAB, TINY_VOCAB = 151_936, 256
-
-
-def build(name: str, seed: int, vocab: int, device: str, dtype: torch.dtype):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    hidden, inter, layers, heads, kv, head_dim, tied = ARCH[name]
-    cfg = Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, tie_word_embeddings=tied,
-        max_position_embeddings=40960, rope_theta=1_000_000, rms_norm_eps=1e-6,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3ForCausalLM(cfg).eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    if name == "tiny":  # peakier next-token distributions, so that alpha and the top-p set vary
-        with torch.no_grad():
-            model.lm_head.weight.mul_(6.0)
-    return model
+from recipe.optimal_sampling.tasks.real_shape import ARCH, TINY_VOCAB, VOCAB, random_qwen3, response_cap  # noqa: E402
 
 
 def workload(args, vocab: int) -> list[Request]:
@@ -81,7 +49,7 @@ def workload(args, vocab: int) -> list[Request]:
         policy_ids = [rng.randrange(1, vocab) for _ in range(rng.randint(args.prompt_min, args.prompt_max))]
         teacher_ids = policy_ids + [rng.randrange(1, vocab) for _ in range(args.teacher_extra)]
         for k in range(args.n):
-            cap = min(args.max_response, max(1, round(rng.lognormvariate(math.log(args.median_response), args.sigma))))
+            cap = response_cap(rng, args.median_response, args.sigma, args.max_response)
             requests.append(Request(policy_ids, teacher_ids, cap, request_seed(args.seed, p * args.n + k)))
     return requests
 
@@ -176,7 +144,7 @@ def main(argv=None) -> list[dict]:
     vocab = TINY_VOCAB if args.tiny else VOCAB
     names = ("tiny", "tiny") if args.tiny else (args.policy, args.teacher)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    policy, teacher = (build(name, seed, vocab, device, dtype) for name, seed in zip(names, (0, 1), strict=True))
+    policy, teacher = (random_qwen3(name, seed, vocab, device, dtype) for name, seed in zip(names, (0, 1), strict=True))
     engine = FastDualEngine(policy, teacher, vocab)
     requests = workload(args, vocab)
     cfg = SamplerConfig.preset(args.preset)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from recipe.optimal_sampling.verl.config import check_teacher, check_trainer_config
+from recipe.optimal_sampling.verl.response_caps import check_dataset_caps
 
 VERL_EXTRA = 'pip install -e ".[verl]" (verl[verl-core]==0.9.1; from a wheel: pip install "optimal-sampling[verl]")'
 
@@ -47,7 +48,8 @@ class OptimalSamplingTaskRunner(TaskRunnerV1.__ray_metadata__.modified_class.__r
 
 
 def prepare_config(config: DictConfig) -> None:
-    """The recipe's refusals (ValueError), the agent-loop registry file, then verl's own checks."""
+    """The recipe's refusals (ValueError), the agent-loop registry file, then verl's own checks. Reads the teacher's and
+    the policy's tokenizers and the datasets' per-request caps (`extra_info.max_response_tokens`), not the models."""
     rollout = config.actor_rollout_ref.rollout
     if not rollout.agent.agent_loop_config_path:
         with open_dict(config):
@@ -57,8 +59,18 @@ def prepare_config(config: DictConfig) -> None:
     if os_config is not None:
         model = config.actor_rollout_ref.model
         check_teacher(os_config, model.get("tokenizer_path") or model.path)
+        _check_caps(config)
     auto_set_device(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+
+
+def _check_caps(config: DictConfig) -> None:
+    """The datasets' per-request response caps, each against data.max_response_length (train: rollout.n responses per
+    prompt; validation: rollout.val_kwargs.n)."""
+    data, rollout = config.data, config.actor_rollout_ref.rollout
+    limit = int(data.max_response_length)
+    check_dataset_caps(data.get("train_files"), int(rollout.n), limit)
+    check_dataset_caps(data.get("val_files"), int(rollout.val_kwargs.get("n", 1)), limit)
 
 
 @hydra.main(config_path="../../config", config_name="optimal_sampling_trainer", version_base=None)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from recipe.optimal_sampling.engine.policy_only import ignores_teacher
@@ -39,7 +40,7 @@ def task_dir(tmp_path, checkpoints) -> Path:
     task = tmp_path / "exp" / "task"
     (task / "models").mkdir(parents=True)
     (task / "models" / "meta.json").write_text("{}")
-    (task / "test.parquet").write_text("")
+    pd.DataFrame({"prompt": [[{"role": "user", "content": "1+1"}]]}).to_parquet(task / "test.parquet")
     os.symlink(checkpoints["policy"], task / "models" / "policy")
     os.symlink(checkpoints["teacher"], task / "models" / "teacher")
     return task

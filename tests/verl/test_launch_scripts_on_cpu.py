@@ -7,6 +7,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from recipe.optimal_sampling.main import prepare_config
@@ -47,7 +48,7 @@ def test_tiny_gpu_script_composes_and_passes_the_checks(checkpoints, tmp_path):
     task = tmp_path / "task"
     (task / "models").mkdir(parents=True)
     (task / "models" / "meta.json").write_text(json.dumps({}))
-    (task / "train.parquet").write_text("")
+    pd.DataFrame({"prompt": [[{"role": "user", "content": "1+1"}]]}).to_parquet(task / "train.parquet")
     os.symlink(checkpoints["policy"], task / "models" / "policy")
     os.symlink(checkpoints["teacher"], task / "models" / "teacher")
     env = {"WORK_DIR": str(tmp_path / "work"), "TASK_DIR": str(task)}

@@ -21,6 +21,7 @@ from recipe.optimal_sampling.core import mix_logprobs, teacher_top_p_support
 from recipe.optimal_sampling.engine import DualSampler, SamplerConfig, stop_ids_for
 from recipe.optimal_sampling.verl.agent_loop import TRACE_FIELDS
 from recipe.optimal_sampling.verl.config import OptimalSamplingConfig
+from recipe.optimal_sampling.verl.response_caps import CAP_FIELD
 from tests.verl.fixtures import make_agent_loop
 
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
@@ -108,6 +109,28 @@ def test_concurrent_requests_are_served_in_shared_batches(rollout):
     outputs = asyncio.run(many())
     assert len(outputs) == 12 and all(1 <= len(o.token_ids) <= 8 for o in outputs)
     assert batches_served(rollout.server) - before < 12  # batched, not one decode per request
+
+
+def test_a_rows_response_caps_reach_the_server_per_response(rollout):
+    """extra_info.max_response_tokens becomes each request's max_tokens at the server (the agent loop itself cuts only
+    at response_length = 8): a list gives response k (verl's session_id k) its own cap; a bad value fails the request
+    before anything is sent, naming the field."""
+    loop = make_agent_loop(rollout)
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    caps = [1, 2, 3, 1]
+
+    async def group():
+        extra_info = {"index": 0, CAP_FIELD: caps}
+        calls = [loop.run(dict(SAMPLING), raw_prompt=messages, session_id=k, extra_info=extra_info) for k in range(4)]
+        return await asyncio.gather(*calls)
+
+    outputs = asyncio.run(group())
+    assert [len(o.response_ids) for o in outputs][::3] == [1, 1]  # never empty, so exactly the cap
+    assert all(1 <= len(o.response_ids) <= cap for o, cap in zip(outputs, caps, strict=True))
+    before = batches_served(rollout.server)
+    with pytest.raises(ValueError, match=r"extra_info.max_response_tokens=9: .*data.max_response_length=8\]"):
+        asyncio.run(loop.run(dict(SAMPLING), raw_prompt=messages, extra_info={CAP_FIELD: 9}))
+    assert batches_served(rollout.server) == before
 
 
 def test_requests_the_server_cannot_honour_are_errors(rollout):
@@ -221,7 +244,8 @@ def test_weight_sync_replaces_the_servers_policy(rollout, checkpoints):
         seed = server_seed(rollout.config, batch_index)
         for key, should_match in (("policy_b", True), ("policy", False)):
             ref = reference_sampler(checkpoints, rollout.config, key).generate([[30, 31]], [[3]], 8, seed=seed)
-            same = torch.allclose(torch.tensor(out.extra_fields["dual_logp_policy"]), torch.tensor(ref.logp_policy[0]))
+            got, want = torch.tensor(out.extra_fields["dual_logp_policy"]), torch.tensor(ref.logp_policy[0])
+            same = got.shape == want.shape and torch.allclose(got, want)  # the other policy may stop elsewhere
             assert same == should_match and (out.token_ids == ref.token_ids[0] or not should_match)
         # an incomplete sync is an error, not a silently stale policy
         partial = list(new_state.items())[:3]
@@ -232,3 +256,16 @@ def test_weight_sync_replaces_the_servers_policy(rollout, checkpoints):
     finally:  # back to the original policy, without lm_head (as an engine that drops tied weights would send)
         original = {k: v for k, v in load(checkpoints["policy"]).state_dict().items() if k != "lm_head.weight"}
         asyncio.run(adapter.update_weights(iter(original.items()), global_steps=0))
+
+
+def test_weights_cross_to_the_server_in_the_rollout_dtype_only_from_a_gpu():
+    """`to_wire`: GPU tensors are cast to the servers' dtype before the host copy (half the bytes of fp32 master
+    weights); CPU tensors (these tests' CPU servers compute in float32) and integer tensors keep theirs."""
+    from recipe.optimal_sampling.verl.adapter import to_wire
+
+    weight = torch.randn(3, 4)[:, :2]  # a non-contiguous fp32 view
+    sent = to_wire(weight, torch.bfloat16)
+    assert sent.dtype == torch.float32 and sent.is_contiguous() and torch.equal(sent, weight)
+    assert to_wire(torch.arange(3), torch.bfloat16).dtype == torch.int64
+    if torch.cuda.is_available():
+        assert to_wire(weight.cuda(), torch.bfloat16).dtype == torch.bfloat16

@@ -27,6 +27,7 @@ class DualServerAdapter(BaseRollout):
         self.replica_rank = rank if replica_rank == -1 else replica_rank
         self.is_leader_rank = True
         self.bucket_bytes = int(self.config.checkpoint_engine.update_weights_bucket_megabytes) << 20
+        self.wire_dtype = getattr(torch, self.config.dtype)  # the servers' dtype on GPU (rollout.dtype)
         self._server = None
 
     @property
@@ -45,16 +46,17 @@ class DualServerAdapter(BaseRollout):
     async def update_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]], wire_format: str = "named_tensors", **kwargs
     ):
-        """Stream (name, tensor) pairs to the server in buckets of `update_weights_bucket_megabytes`, then let it
-        check completeness and take `global_steps` as its weight version. The generator is always consumed fully:
-        producing a tensor may be a collective (FSDP full_tensor) that every rank must join."""
+        """Stream (name, tensor) pairs to the server in buckets of `update_weights_bucket_megabytes` (GPU tensors cast
+        to the rollout dtype first: `to_wire`), then let it check completeness and take `global_steps` as its weight
+        version. The generator is always consumed fully: producing a tensor may be a collective (FSDP full_tensor)
+        that every rank must join."""
         if wire_format != "named_tensors":
             raise ValueError(
                 f"the dual backend receives full tensors only (wire_format='named_tensors'), got {wire_format!r}"
             )
         bucket, size = [], 0
         for name, tensor in weights:
-            cpu = tensor.detach().to("cpu", non_blocking=False).contiguous()
+            cpu = to_wire(tensor, self.wire_dtype)
             bucket.append((name, cpu))
             size += cpu.numel() * cpu.element_size()
             if size >= self.bucket_bytes:
@@ -63,3 +65,14 @@ class DualServerAdapter(BaseRollout):
         if bucket:
             await self.server.update_weights_bucket.remote(bucket)
         await self.server.finish_weight_update.remote(kwargs.get("global_steps"))
+
+
+def to_wire(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The host copy of one weight for the server. A floating tensor on a GPU is cast to the servers' dtype there,
+    before the copy: FSDP's fp32 master weights then cross host memory and Ray at half the bytes, and the server
+    (which stores that dtype on GPU) gets the same values. CPU tensors (CPU tests, where the server computes in
+    float32) are sent as they are."""
+    tensor = tensor.detach()
+    if tensor.is_cuda and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.to("cpu", non_blocking=False).contiguous()

@@ -3,9 +3,10 @@ policy's prompt and the teacher's chat prompt), sends both to the server, and re
 `response_logprobs` are log q* and whose per-token traces become tensor fields (`dual_alpha`, ...) in verl's batch.
 
 Differs from verl's `SingleTurnAgentLoop` in: the teacher prompt (built from the teacher's chat template), the
-optional plain policy template, mixed groups (`guided_per_prompt`: only a prompt's first k responses from q*), no
-Continuous Token merge of the response (the sampled ids are kept as they are, so every trace stays aligned with its
-token), and the trace fields. Knows nothing about models or sampling maths.
+optional plain policy template, mixed groups (`guided_per_prompt`: only a prompt's first k responses from q*), the
+per-request response cap of the dataset row (`extra_info.max_response_tokens`, see `response_caps`), no Continuous
+Token merge of the response (the sampled ids are kept as they are, so every trace stays aligned with its token), and
+the trace fields. Knows nothing about models or sampling maths.
 """
 
 from typing import Any
@@ -17,6 +18,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutp
 from verl.utils.profiler import simple_timer
 
 from .config import OptimalSamplingConfig
+from .response_caps import response_cap
 from .server import DIAGNOSTIC_KEYS, TRACE_KEYS, TRACE_PREFIX
 
 TRACE_FIELDS = tuple(TRACE_PREFIX + k for k in (*TRACE_KEYS, *DIAGNOSTIC_KEYS))  # tensor fields in verl's batch
@@ -54,6 +56,9 @@ class DualAgentLoop(AgentLoopBase):
         # 1) the two prompts
         prompt_ids = await self.policy_prompt_ids(messages)
         teacher_prompt_ids = self.teacher_prompt_ids(messages)
+        cap = response_cap(kwargs.get("extra_info"), kwargs.get("session_id"), self.response_length)
+        if cap is not None:  # this request's own length cap, from the dataset row
+            sampling_params = {**sampling_params, "max_tokens": cap}
         # 2) one response from q* (or, in a mixed group, from the policy alone)
         metrics = {}
         with simple_timer("generate_sequences", metrics):

@@ -22,15 +22,19 @@ forcing, no support constraint), and requests sent with `policy_only=True` (the 
 `optimal_sampling.score_policy_samples`, policy-only training responses get the teacher's log pi_t(y_t) from one
 teacher prefill over (teacher prompt + response) (`engine.scoring`), for the teacher critic of `guided_loss`.
 
-Owns the models' residency (teacher always resident; `sleep` frees cached KV memory only) and the weight-loading
-end of the sync. Knows nothing about trainers, datasets or prompts' text: prompts arrive as token ids.
+Owns the models' residency (teacher always resident; `sleep` frees cached KV memory only), the weight-loading end of
+the sync, and what it measures per phase of a step (`phases.PhaseLog`: logged at each transition and returned by
+`phase_metrics` for the trainer's `optimal_sampling/server/*`). Knows nothing about trainers, datasets or prompts'
+text: prompts arrive as token ids.
 """
 
 import asyncio
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,6 +47,7 @@ from ..engine.fast import fast_path_reasons
 from ..engine.policy_only import ignores_teacher, policy_only_config
 from ..engine.scoring import teacher_logprobs
 from .config import OptimalSamplingConfig
+from .phases import PhaseLog, cuda_memory
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ DIAGNOSTIC_KEYS = ("kl_q_policy", "kl_q_teacher", "ess_policy", "ess_teacher", "
 FORWARD_TOKEN_KEYS = {"policy": "dual_policy_forward_tokens", "teacher": "dual_teacher_forward_tokens"}  # extra_fields
 GUIDED_KEY = "dual_guided"  # extra_fields: True when the response was sampled with the teacher (from q*)
 FAST_ENGINE_KEY = "dual_fast_engine"  # extra_fields: 1 when the fast engine sampled the response, else 0
+PHASE_PREFIX = "optimal_sampling/server/"  # trainer metrics of the server's phases (`phase_metrics`)
 SLOT_MARGIN = 128  # slot tokens beyond prompt_length + response_length: the teacher's chat template is longer
 BACKEND_OF_ENGINE = {"auto": "auto", "fast": "cuda_graph", "reference": "reference"}  # optimal_sampling.engine
 
@@ -87,6 +93,7 @@ class DualSamplerServer:
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         # bf16 on GPU as configured; float32 on CPU (bf16 matmuls there are slow and only serve tests)
         self.dtype = getattr(torch, self.config.dtype) if on_gpu else torch.float32
+        self.phases = PhaseLog(partial(cuda_memory, self.device) if on_gpu else None)
         # 1) models and tokenizers (the policy starts from its checkpoint; the first sync overwrites it)
         policy_path = model_config.local_path
         teacher_path = self.os_config.teacher_path
@@ -206,21 +213,26 @@ class DualSamplerServer:
             taken.update((id(r), r) for r in batch)
             return [self._slot_request(r, self._next_seed()) for r in batch]
 
+        delivered = [0, 0]  # requests, tokens
+
         def deliver(slot_request, row: dict) -> None:
             request = taken.pop(id(slot_request.tag))
             try:
                 result, error = self._token_output(self._score_rows([request], [row])[0], request), None
+                delivered[0], delivered[1] = delivered[0] + 1, delivered[1] + len(result.token_ids)
             except Exception as e:  # this request sees it; the others go on
                 result, error = None, e
             loop.call_soon_threadsafe(_resolve, request.future, result, error)
 
         self._batches += 1
+        t0 = time.perf_counter()
         try:
             self.batcher.serve(pull, deliver, self._config(kind), self._mode(kind))
         except Exception as e:  # every request in flight sees the error; queued ones get the next serve
             logger.exception("dual sampler serve failed")
             for request in taken.values():
                 loop.call_soon_threadsafe(_resolve, request.future, None, e)
+        self.phases.count(time.perf_counter() - t0, *delivered)
 
     def _make_batcher(self):
         """The continuous batcher, its slots allocated now: a capacity that cannot fit fails at start-up."""
@@ -284,13 +296,17 @@ class DualSamplerServer:
     def _run_batch(self, batch: list[_Request]) -> list[dict]:
         """One static batch; its rows (`DualSample.row`), teacher-scored where asked."""
         self._batches += 1
+        t0 = time.perf_counter()
         seed = int(self.config.seed) * 1_000_003 + self.replica_rank * 10_007 + self._batches
         policy_ids, max_new_tokens = [r.policy_ids for r in batch], max(r.max_tokens for r in batch)
         if batch[0].policy_only:
             sample = self.sampler.generate_policy_only(policy_ids, max_new_tokens, seed, batch[0].temperature)
         else:
             sample = self.sampler.generate(policy_ids, [r.teacher_ids for r in batch], max_new_tokens, seed=seed)
-        return self._score_rows(batch, [sample.row(i) for i in range(len(batch))])
+        rows = self._score_rows(batch, [sample.row(i) for i in range(len(batch))])
+        tokens = sum(min(len(row["token_ids"]), r.max_tokens) for row, r in zip(rows, batch, strict=True))
+        self.phases.count(time.perf_counter() - t0, len(batch), tokens)
+        return rows
 
     def _token_output(self, row: dict, request: _Request) -> TokenOutput:
         """One response (`DualSample.row`) cut to the request's token budget."""
@@ -371,6 +387,8 @@ class DualSamplerServer:
             raise KeyError(f"weight sync did not send {len(missing)} policy parameters, e.g. {missing[:8]}")
         if global_steps is not None:
             self.global_steps = int(global_steps)
+        async with self._lock():
+            self._enter_phase("rollout")
         return self.global_steps
 
     async def set_global_steps(self, global_steps: int) -> None:
@@ -390,16 +408,29 @@ class DualSamplerServer:
         """Take back the fast engine's KV caches and buffers (weights never leave the device: the teacher is frozen
         and the policy copy is overwritten in place)."""
         async with self._lock():
+            if self.phases.phase in ("train", "start"):  # the first wake of a weight sync (verl wakes twice)
+                self._enter_phase("sync")
             self.sampler.wake()
 
     async def sleep(self) -> None:
         """Free the fast engine's KV caches, buffers and graphs and cached memory for the trainer; both models stay
         resident."""
         async with self._lock():
+            self._enter_phase("train")  # the rollout's numbers are taken before anything is freed
             freed = self.sampler.sleep()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
                 logger.info("dual server %d asleep: %.2f GiB of engine state freed", self.replica_rank, freed / 2**30)
+
+    def _enter_phase(self, phase: str) -> None:
+        """(under the model lock: no graph is being captured) End the current phase; log what it measured."""
+        line = self.phases.enter(phase)
+        if line:
+            logger.warning("dual server %d step %d: %s", self.replica_rank, self.global_steps, line)
+
+    async def phase_metrics(self) -> dict[str, float]:
+        """The last completed sync, rollout and train phases' numbers (`phases.PhaseLog`), as trainer metrics."""
+        return self.phases.metrics(PHASE_PREFIX)
 
     async def clear_kv_cache(self) -> None:
         await self.sleep()

@@ -6,7 +6,8 @@ Differs from `PPOTrainerSync` in:
   clears them), reduces those of the responses sampled with the teacher with `metrics.reduce_metrics` (in a mixed
   group the on-policy responses are counted only by `guided_frac`), adds the server-vs-trainer log-prob gap, the step's
   model forward tokens (`forward_token_metrics`) and the share of responses without a learning signal
-  (`advantage_metrics`), and every `plot_freq` steps sends alpha plots to W&B;
+  (`advantage_metrics`) and each server's numbers of the step's phases (`optimal_sampling/server/*`: wall time,
+  engine time, memory; `phases.PhaseLog`), and every `plot_freq` steps sends alpha plots to W&B;
 - with `optimal_sampling.validate_policy_only`: `on_validate_begin`/`on_validate_end` switch the dual servers to
   policy-only sampling for the validation, and `_val_metrics_update` adds `optimal_sampling/val_policy_only_accuracy`.
 - with `algorithm.adv_estimator=optimal_sampling_guided`: `_compute_advantage` hands the registered estimator the step's
@@ -119,6 +120,7 @@ class OptimalSamplingTrainer(PPOTrainerSync):
         # Differs from the base: adds optimal_sampling/* from the traces (TransferQueue is cleared right after).
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
         metrics.update(self._optimal_sampling_metrics(batch, global_steps))
+        metrics.update(self._server_phase_metrics())
 
     def _optimal_sampling_metrics(self, batch, global_steps: int) -> dict[str, float]:
         """optimal_sampling/* of one step: trace statistics (of the responses sampled with the teacher), the share of
@@ -143,6 +145,13 @@ class OptimalSamplingTrainer(PPOTrainerSync):
         traces[PREFIX + "guided_frac"] = float(guided.double().mean()) if guided.numel() else 0.0
         self._log_alpha_plots(traced, global_steps)
         return {**traces, **forward, **advantage_metrics(fields["advantages"], fields["response_mask"])}
+
+    def _server_phase_metrics(self) -> dict[str, float]:
+        """`optimal_sampling/server/*` of the step's sync, rollout and train phases; with several servers the largest
+        value of each (the slowest server, the fullest GPU)."""
+        manager = getattr(self, "llm_server_manager", None)
+        per_server = ray.get([h.phase_metrics.remote() for h in manager.server_handles]) if manager else []
+        return {k: max(m[k] for m in per_server if k in m) for k in set().union(*per_server)}
 
     def on_validate_begin(self):
         # Differs from the base (a no-op): with validate_policy_only the servers sample from the policy alone; the
