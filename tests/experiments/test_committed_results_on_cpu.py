@@ -9,7 +9,8 @@ import pytest
 from tests.experiments.test_plot_experiment_on_cpu import plot
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-GUIDED = ["--target", "0.05", "--teacher-cost", "5.9", "--train-cost", "4", "--compute-ref", "on_policy", "--task", "carry"]
+GUIDED = ["--target", "0.05", "--teacher-cost", "5.9", "--train-cost", "4", "--compute-ref", "on_policy"]
+GUIDED += ["--task", "carry"]
 REPORTS = [  # (metrics folder, output folder, the doc's arguments, its validation steps, the doc)
     ("runs", "experiments", ["--target", "0.21", "--replicates", str(DOCS / "experiments" / "runs_launch1")],
      "0,10,20,30,40", "experiments.md"),
