@@ -133,3 +133,19 @@ def test_reward_reads_the_reversed_sum():
     assert compute_score("optimal_sampling/addition", "236", "632") == 1.0
     assert compute_score("optimal_sampling/addition", "237", "632") == 0.0
     assert compute_score("optimal_sampling/addition", "", "632") == 0.0
+
+
+def test_the_trainer_takes_verls_synchronous_branches():
+    """verl 0.9.1's base trainer compares trainer_mode with "sync" (replay buffer, gen_batch_size, checkpoint
+    contents); the recipe's trainer, registered under its own name, is built by verl's own __init__ as the sync one:
+    the synchronous replay buffer, not the async subclass, and the config keeps the registry name."""
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+
+    from recipe.optimal_sampling.verl import TRAINER_MODE
+    from recipe.optimal_sampling.verl.trainer import OptimalSamplingTrainer
+    from tests.verl.fixtures import compose_config
+
+    config = compose_config([])
+    trainer = OptimalSamplingTrainer(config)
+    assert trainer.trainer_mode == "sync" and config.trainer.v1.trainer_mode == TRAINER_MODE
+    assert type(trainer.replay_buffer) is ReplayBuffer and not isinstance(trainer.replay_buffer, ReplayBufferAsync)

@@ -2,6 +2,11 @@
 as `trainer.v1.trainer_mode=optimal_sampling_sync`.
 
 Differs from `PPOTrainerSync` in:
+- `_build_replay_buffer`: verl 0.9.1's base trainer branches on `trainer_mode == "sync"` (the replay buffer, the
+  dataloader's gen_batch_size, prompt persistence in TransferQueue, what a checkpoint saves and restores); under its
+  own registry name this trainer would take the async branches, so it runs as "sync" from there on (it is the sync
+  trainer). Until 2026-12-02 it did not: its runs used verl's async replay buffer and one-prompt dataloader fetches,
+  the same prompts per step and the same groups (no DAPO filter, no failed groups).
 - `_compute_metrics`: it also reads the per-token traces that `DualAgentLoop` wrote into TransferQueue (before verl
   clears them), reduces those of the responses sampled with the teacher with `metrics.reduce_metrics` (in a mixed
   group the on-policy responses are counted only by `guided_frac`), adds the server-vs-trainer log-prob gap, the step's
@@ -35,6 +40,8 @@ from .agent_loop import TRACE_FIELDS
 from .config import OptimalSamplingConfig
 from .guided import GUIDED_ESTIMATOR, critic_metrics, guided_step, policy_reward_mean, read_step_inputs
 from .server import FAST_ENGINE_KEY, FORWARD_TOKEN_KEYS, GUIDED_KEY, TRACE_PREFIX
+
+SYNC_MODE = "sync"  # the trainer_mode verl 0.9.1's base trainer treats as synchronous
 
 
 def step_metrics(fields: dict[str, Tensor], response_mask: Tensor) -> dict[str, float]:
@@ -115,6 +122,12 @@ def alpha_figure(alpha: Tensor, response_mask: Tensor):
 @register_trainer(TRAINER_MODE)
 class OptimalSamplingTrainer(PPOTrainerSync):
     """Sync trainer for the `dual` backend (trainer and servers share the GPUs; weights synced every step)."""
+
+    def _build_replay_buffer(self):
+        # Differs from the base: verl sets trainer_mode to the registry name just before this call and compares it
+        # with "sync" from here on (module docstring); this trainer is verl's sync trainer.
+        self.trainer_mode = SYNC_MODE
+        return super()._build_replay_buffer()
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         # Differs from the base: adds optimal_sampling/* from the traces (TransferQueue is cleared right after).
