@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .engine import DualSampler, SamplerConfig
 from .metrics import reduce_metrics
 from .tasks import addition
-from .tasks.models import CACHE_ENV, default_cache_dir, load_task_models
+from .tasks.cache import CACHE_ENV, default_cache_dir, load_task_models
 from .tasks.tokenizer import stop_token_ids
 
 ARMS: dict[str, SamplerConfig] = {

@@ -38,7 +38,8 @@ from recipe.optimal_sampling.tasks import (
     stop_token_ids,
     teacher_prompt,
 )
-from recipe.optimal_sampling.tasks.models import default_cache_dir, policy_config
+from recipe.optimal_sampling.tasks.cache import default_cache_dir
+from recipe.optimal_sampling.tasks.models import policy_config
 from recipe.optimal_sampling.tasks.registry import ADDITION, TaskFormat, get_task
 
 ARMS = {  # as scripts/experiments/run_arm.sh

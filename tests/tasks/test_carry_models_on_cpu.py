@@ -24,14 +24,8 @@ from recipe.optimal_sampling.tasks import (
     tiny_qwen3_config,
     train_model,
 )
-from recipe.optimal_sampling.tasks.models import (
-    CARRY_MODEL_SIZES,
-    _read_cache,
-    cache_key,
-    encode_examples,
-    policy_config,
-    train_and_save,
-)
+from recipe.optimal_sampling.tasks.cache import _read_cache, cache_key, train_and_save
+from recipe.optimal_sampling.tasks.models import CARRY_MODEL_SIZES, encode_examples, policy_config
 
 TINY5 = TrainConfig(steps=6, batch_size=8, warmup_steps=2, eval_every=3, n_eval=4, n_digits=5)
 

@@ -6,8 +6,8 @@ import torch
 
 from recipe.optimal_sampling.tasks import TrainConfig, build_tokenizer, make_problems, train_model
 from recipe.optimal_sampling.tasks import models as task_models
-from recipe.optimal_sampling.tasks.models import encode_examples, new_portable_model, weights_sha256
-from recipe.optimal_sampling.tasks.portable import PARAM_BITS, snap_
+from recipe.optimal_sampling.tasks.models import encode_examples, new_portable_model
+from recipe.optimal_sampling.tasks.portable import PARAM_BITS, snap_, weights_sha256
 
 SHORT = TrainConfig(steps=24, batch_size=16, lr=5e-3, warmup_steps=4, eval_every=12, n_eval=8)
 # sha256 of the float32 weights after `SHORT` for the policy. Produced on the project's CPU machine (torch 2.13 CPU,

@@ -31,6 +31,7 @@ from recipe.optimal_sampling.tasks import (
     tiny_qwen3_config,
     train_model,
 )
+from recipe.optimal_sampling.tasks import cache as task_cache
 from recipe.optimal_sampling.tasks import models as task_models
 from recipe.optimal_sampling.tasks.models import DEFAULT_TRAIN_CONFIGS, encode_examples, new_model, policy_config
 
@@ -227,7 +228,7 @@ def test_interrupted_training_leaves_no_cache(tmp_path, monkeypatch):
     def fail(role, *args, **kwargs):
         raise KeyboardInterrupt(role)
 
-    monkeypatch.setattr(task_models, "train_model", fail)
+    monkeypatch.setattr(task_cache, "train_model", fail)
     with pytest.raises(KeyboardInterrupt):
         load_task_models(tmp_path / "c", teacher_cfg=TINY, policy_cfg=TINY, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -27,17 +27,14 @@ from recipe.optimal_sampling.tasks.addition import (
     teacher_messages,
     teacher_prompt,
 )
+from recipe.optimal_sampling.tasks.cache import CACHE_ENV, TaskModels, default_cache_dir, load_task_models
 from recipe.optimal_sampling.tasks.evaluate import greedy_accuracy, greedy_generate, role_accuracy
 from recipe.optimal_sampling.tasks.models import (
-    CACHE_ENV,
     DEFAULT_TRAIN_CONFIGS,
     MODEL_SIZES,
     TASK_MODELS,
-    TaskModels,
     TrainConfig,
     TrainResult,
-    default_cache_dir,
-    load_task_models,
     tiny_qwen3_config,
     train_model,
 )

@@ -1,7 +1,7 @@
 """`python -m recipe.optimal_sampling.tasks [--task addition|carry] [--jobs 2] [--retrain] [--cache-dir DIR]`: train
 (or load) the task models."""
 
-from recipe.optimal_sampling.tasks.models import main
+from recipe.optimal_sampling.tasks.cache import main
 
 if __name__ == "__main__":
     main()

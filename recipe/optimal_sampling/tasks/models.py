@@ -1,11 +1,11 @@
 """Tiny Qwen3 models trained from scratch on a task: a strong teacher and a weak policy.
 
 Owns: each task's two model sizes and train configs (`TASK_MODELS`: "addition", the demo's pair, and "carry", the
-guided testbed), the training recipe (`TrainConfig`, `train_model`) and the on-disk cache (`load_task_models`,
-one folder per task). The teacher learns from chat-template prompts, the policy from the plain prompt; both learn
-the same completion (the task's answer + `<eos>`, see `addition.py` and `carry.py`), with the loss on the
-completion tokens only. The rest of this docstring describes the addition pair; the carry pair is described
-next to `CARRY_TRAIN_CONFIGS`.
+guided testbed) and the training recipe (`TrainConfig`, `train_model`); the on-disk cache of the trained pairs
+(`load_task_models`, one folder per task) is `cache.py`. The teacher learns from chat-template prompts, the policy
+from the plain prompt; both learn the same completion (the task's answer + `<eos>`, see `addition.py` and
+`carry.py`), with the loss on the completion tokens only. The rest of this docstring describes the addition pair;
+the carry pair is described next to `CARRY_TRAIN_CONFIGS`.
 
 Training is portable (`portable.py`: float64 arithmetic, PCG64 initialisation, weights and optimizer moments
 snapped to a grid after every step): the same configs give bit-identical weights on any machine, whatever its CPU,
@@ -31,28 +31,16 @@ meta.json).
 Knows nothing about the sampler, the mixture or verl.
 """
 
-import argparse
 import contextlib
-import hashlib
-import json
 import math
-import multiprocessing
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -62,7 +50,6 @@ from recipe.optimal_sampling.tasks.addition import ROLES, Problem, make_problems
 from recipe.optimal_sampling.tasks.evaluate import role_accuracy
 from recipe.optimal_sampling.tasks.portable import PortableQwen3
 from recipe.optimal_sampling.tasks.registry import ADDITION, TaskFormat, get_task
-from recipe.optimal_sampling.tasks.tokenizer import build_tokenizer
 
 # Per-role sizes: the teacher has 3 layers of width 48, the policy 2 layers of width 32.
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -333,212 +320,3 @@ def train_model(
     return TrainResult(
         model.to_hf(), losses, val_accuracy, len(losses), time.perf_counter() - start, best.step, best.accuracy
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The on-disk cache of the trained pair
-
-CACHE_ENV = "OPTIMAL_SAMPLING_CACHE"
-CACHE_VERSION = 2
-N_TEST = 200  # held-out test problems evaluated after training (recorded in meta.json)
-
-
-def default_cache_dir(task: str = "addition") -> Path:
-    """`$OPTIMAL_SAMPLING_CACHE/<folder>` when the variable is set, else `~/.cache/optimal_sampling/<folder>`, the
-    folder being the task's (`task_models_v2` for addition, `carry_models_v1` for carry)."""
-    root = os.environ.get(CACHE_ENV)
-    name = task_models_spec(task).cache_name
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "optimal_sampling") / name
-
-
-@dataclass
-class TaskModels:
-    """The trained pair, loaded from the cache (eval mode), with where it lives."""
-
-    policy: PreTrainedModel
-    teacher: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    policy_path: Path  # a `save_pretrained` directory: model + tokenizer
-    teacher_path: Path
-    n_digits: int  # digits per operand the pair was trained on
-    trained: bool  # True when this call trained the pair, False when it came from the cache
-    meta: dict = field(default_factory=dict)  # the cache's meta.json: configs, steps, seconds, test accuracy
-    task: str = "addition"  # the task the pair was trained on (see TASK_MODELS)
-
-
-def cache_key(configs: dict[str, TrainConfig], task: str = "addition") -> dict:
-    """What a cache must have been trained with to be reused: version, task, model sizes, train configs."""
-    return {
-        "version": CACHE_VERSION,
-        "task": task,
-        "model_sizes": task_models_spec(task).sizes,
-        "train_configs": {role: asdict(cfg) for role, cfg in configs.items()},
-    }
-
-
-def train_role(out_dir: Path, role: str, cfg: TrainConfig, task: str, progress: bool, device: str = "cpu") -> dict:
-    """Train `role`, save it to `out_dir/<role>` (model + tokenizer), evaluate it on N_TEST test problems and return
-    its meta.json entry. A top-level function, so that a process pool can run the two roles side by side."""
-    tokenizer = build_tokenizer()
-    result = train_model(role, tokenizer, cfg, progress=progress, task=task, device=device)
-    result.model.save_pretrained(out_dir / role)
-    tokenizer.save_pretrained(out_dir / role)
-    test = make_problems(N_TEST, 0, cfg.n_digits, "test")
-    with torch_threads(cfg.num_threads):
-        test_accuracy = role_accuracy(result.model, tokenizer, role, test, task_models_spec(task).format)
-    return {
-        "steps": result.steps,
-        "train_seconds": round(result.seconds, 2),
-        "final_loss": round(sum(result.losses[-20:]) / len(result.losses[-20:]), 5),
-        "val_accuracy": [list(check) for check in result.val_accuracy],
-        "selected_step": result.selected_step,
-        "selected_accuracy": result.selected_accuracy,
-        "test_accuracy": test_accuracy,
-        "weights_sha256": weights_sha256(result.model),
-    }
-
-
-def train_and_save(
-    out_dir: Path,
-    configs: dict[str, TrainConfig],
-    progress: bool = True,
-    task: str = "addition",
-    jobs: int = 1,
-    device: str = "cpu",
-) -> dict:
-    """Train both roles on `device`, save each to `out_dir/<role>` (model + tokenizer), write and return meta.json.
-    jobs: 2 trains the two roles in two processes at once (the same weights: training is deterministic)."""
-    roles = ("teacher", "policy")
-    args = ([out_dir] * 2, roles, [configs[r] for r in roles], [task] * 2, [progress] * 2, [str(device)] * 2)
-    if jobs > 1:
-        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            entries = list(pool.map(train_role, *args))
-    else:
-        entries = list(map(train_role, *args))
-    meta = {**cache_key(configs, task), "results": dict(zip(roles, entries, strict=True))}
-    meta["train_seconds_total"] = round(sum(r["train_seconds"] for r in meta["results"].values()), 2)
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-    return meta
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the float32 weights in name order: equal on two machines exactly when training was portable."""
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(value.detach().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Move the finished `tmp` cache to `final` by renames (atomic on one filesystem)."""
-    if final.exists():  # retrain: set the old cache aside, then swap
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        final.rename(old / final.name)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        tmp.rename(final)
-    except OSError:  # another process published a cache first: keep theirs
-        if not (final / "meta.json").exists():
-            raise
-
-
-def _read_cache(final: Path, configs: dict[str, TrainConfig], task: str = "addition") -> dict | None:
-    """The cache's meta.json when `final` holds a complete cache trained with `configs` on `task`, else None."""
-    if not (final / "meta.json").exists():
-        return None
-    meta = json.loads((final / "meta.json").read_text())
-    meta.setdefault("task", "addition")  # caches written before tasks had names hold the addition pair
-    key = json.loads(json.dumps(cache_key(configs, task)))  # JSON-normalised, as stored
-    if {k: meta.get(k) for k in key} != key:
-        raise ValueError(
-            f"the cache at {final} was trained with other settings ({meta.get('train_configs')}); "
-            f"pass retrain=True to overwrite it, or another cache_dir"
-        )
-    return meta
-
-
-def load_task_models(
-    cache_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    retrain: bool = False,
-    teacher_cfg: TrainConfig | None = None,
-    policy_cfg: TrainConfig | None = None,
-    progress: bool = True,
-    task: str = "addition",
-    jobs: int = 1,
-    train_device: str = "cpu",
-) -> TaskModels:
-    """The trained teacher/policy pair of `task`: read from `cache_dir`, or trained and cached there first.
-
-    cache_dir: None means `default_cache_dir(task)`. Training writes into a temporary sibling directory that
-    is renamed into place when complete, so an interrupted run never leaves a half-written cache.
-    teacher_cfg / policy_cfg: None means the task's configs (TASK_MODELS; DEFAULT_TRAIN_CONFIGS for addition); a
-    cache trained otherwise is an error. jobs: 2 trains the two roles side by side (see `train_and_save`).
-    train_device: where training runs ("cuda" on a GPU host is faster; the weights are the same, see `portable.py`)."""
-    # 1) settings and where the cache lives
-    spec = task_models_spec(task)
-    configs = {
-        "teacher": teacher_cfg or spec.train_configs["teacher"],
-        "policy": policy_cfg or spec.train_configs["policy"],
-    }
-    if configs["teacher"].n_digits != configs["policy"].n_digits:
-        raise ValueError(
-            f"teacher and policy must share n_digits, got {configs['teacher'].n_digits} and "
-            f"{configs['policy'].n_digits}"
-        )
-    final = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(task)
-    meta = None if retrain else _read_cache(final, configs, task)
-    # 2) train into a temporary directory and publish it, unless a matching cache exists
-    trained = meta is None
-    if trained:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            meta = train_and_save(tmp, configs, progress, task, jobs, train_device)
-            _publish(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    # 3) load both from disk onto `device`
-    paths = {role: final / role for role in ROLES}
-    models = {role: AutoModelForCausalLM.from_pretrained(paths[role]).to(device).eval() for role in ROLES}
-    tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
-    return TaskModels(
-        models["policy"],
-        models["teacher"],
-        tokenizer,
-        paths["policy"],
-        paths["teacher"],
-        configs["teacher"].n_digits,
-        trained,
-        meta,
-        task,
-    )
-
-
-def main() -> None:
-    """Train (or load) the task models and print how training went: `python -m recipe.optimal_sampling.tasks`."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--cache-dir", default=None, help="default: $OPTIMAL_SAMPLING_CACHE or ~/.cache/...")
-    parser.add_argument("--retrain", action="store_true", help="train even when a cache exists")
-    parser.add_argument(
-        "--task", default="addition", choices=sorted(TASK_MODELS), help="which pair (default: the demo's)"
-    )
-    parser.add_argument("--jobs", type=int, default=1, choices=(1, 2), help="2: train teacher and policy side by side")
-    parser.add_argument("--train-device", default="cpu", help="cpu or cuda: where training runs (same weights)")
-    args = parser.parse_args()
-    start = time.perf_counter()
-    task = load_task_models(
-        args.cache_dir, retrain=args.retrain, task=args.task, jobs=args.jobs, train_device=args.train_device
-    )
-    print(json.dumps({role: task.meta["results"][role] for role in ("teacher", "policy")}, indent=1))
-    print(
-        f"trained={task.trained} train_seconds_total={task.meta['train_seconds_total']} "
-        f"wall_seconds={time.perf_counter() - start:.1f} path={task.teacher_path.parent}"
-    )
-
-
-if __name__ == "__main__":
-    main()

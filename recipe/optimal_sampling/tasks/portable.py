@@ -17,6 +17,8 @@ Three measures remove every source of such differences:
 PARAM_BITS = 20 keeps a resolution of ~1e-6 relative, far below the smallest AdamW update (lr_min ~ 5e-4).
 """
 
+import hashlib
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -166,3 +168,12 @@ class PortableQwen3(nn.Module):
 class _Output:
     def __init__(self, logits: Tensor, loss: Tensor | None):
         self.logits, self.loss = logits, loss
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the float32 weights in name order: equal on two machines exactly when training was portable."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -46,10 +46,11 @@ def write_datasets(
 
 def write_checkpoints(out_dir: str, policy_target_accuracy: float | None = None, task: str = "addition") -> dict:
     """The task's trained tiny teacher/policy pair as HF checkpoints (model + tokenizer), cached under
-    DIR/models by `tasks.models.load_task_models` (trained on the CPU when absent). Returns their paths.
+    DIR/models by `tasks.load_task_models` (trained on the CPU when absent). Returns their paths.
     policy_target_accuracy: stop the policy's training at this validation accuracy instead of the task's default
     (e.g. 0.03 for a policy that almost never answers right)."""
-    from recipe.optimal_sampling.tasks.models import load_task_models, policy_config
+    from recipe.optimal_sampling.tasks import load_task_models
+    from recipe.optimal_sampling.tasks.models import policy_config
 
     policy_cfg = policy_config(policy_target_accuracy, task)
     models = load_task_models(cache_dir=os.path.join(out_dir, "models"), policy_cfg=policy_cfg, task=task)
