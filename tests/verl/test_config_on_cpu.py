@@ -89,6 +89,7 @@ def test_unknown_and_invalid_keys_name_the_field():
         ("actor_rollout_ref.rollout.top_p=0.9", "top_p"),
         ("actor_rollout_ref.rollout.calculate_log_probs=false", "calculate_log_probs"),
         ("actor_rollout_ref.rollout.tensor_model_parallel_size=2", "tensor_model_parallel_size"),
+        ("actor_rollout_ref.rollout.data_parallel_size=2", "data_parallel_size=2"),
         ("trainer.v1.trainer_mode=colocate_async", "trainer_mode"),
         ("actor_rollout_ref.rollout.agent.default_agent_loop=single_turn_agent", "default_agent_loop"),
     ],

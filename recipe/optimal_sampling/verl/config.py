@@ -194,11 +194,12 @@ def _check_validation(val: Mapping, policy_only: bool) -> None:
 
 
 def _check_topology(rollout: Mapping, trainer: Mapping) -> None:
-    if int(rollout.get("tensor_model_parallel_size", 1)) != 1:
-        raise ValueError(
-            f"actor_rollout_ref.rollout.tensor_model_parallel_size={rollout['tensor_model_parallel_size']}: the dual "
-            "backend runs one server (policy copy + teacher) per GPU; set it to 1."
-        )
+    for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
+        if int(rollout.get(key, 1)) != 1:  # one replica per trainer GPU: verl counts GPUs // (TP * DP * PP)
+            raise ValueError(
+                f"actor_rollout_ref.rollout.{key}={rollout[key]}: the dual backend runs one server (policy copy + "
+                "teacher) per GPU, one replica each; set it to 1."
+            )
     mode = (trainer.get("v1") or {}).get("trainer_mode")
     if not trainer.get("use_v1", True) or mode != TRAINER_MODE:
         raise ValueError(

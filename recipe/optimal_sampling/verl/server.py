@@ -1,7 +1,7 @@
 """`DualSamplerServer`: the Ray actor behind one `dual` rollout replica. It holds a copy of the policy (overwritten
 by every weight sync) and the frozen teacher, batches concurrent `generate` requests into `DualSampler.generate`
 calls, and answers each with verl's `TokenOutput`: `log_probs = log q*` (what verl's rollout correction divides
-by) plus the per-token traces and `global_steps` in `extra_fields`.
+by) plus the per-token traces, `global_steps`, its replica rank and weight version in `extra_fields`.
 
 Pipeline of one request:
 1) `generate` checks the sampling parameters, decides whether the request needs the teacher, queues it and awaits
@@ -58,6 +58,8 @@ FORWARD_TOKEN_KEYS = {"policy": "dual_policy_forward_tokens", "teacher": "dual_t
 GUIDED_KEY = "dual_guided"  # extra_fields: True when the response was sampled with the teacher (from q*)
 FAST_ENGINE_KEY = "dual_fast_engine"  # extra_fields: 1 when the fast engine sampled the response, else 0
 PHASE_PREFIX = "optimal_sampling/server/"  # trainer metrics of the server's phases (`phase_metrics`)
+REPLICA_KEY = "dual_replica_rank"  # extra_fields: the replica whose server sampled the response
+WEIGHT_VERSION_KEY = "dual_weight_version"  # extra_fields: global_steps of the server's last complete weight sync
 SLOT_MARGIN = 128  # slot tokens beyond prompt_length + response_length: the teacher's chat template is longer
 BACKEND_OF_ENGINE = {"auto": "auto", "fast": "cuda_graph", "reference": "reference"}  # optimal_sampling.engine
 
@@ -129,6 +131,7 @@ class DualSamplerServer:
         self._policy_only_validation = False  # switched by the trainer around validation
         self._guided_limit: int | None = None  # guided members per group under the trainer's fade; None = no limit
         self.global_steps = 0
+        self.weight_version = -1  # global_steps of the last complete weight sync; -1 = never synced (checkpoint)
         self._pending: list[_Request] = []
         self._drainer: asyncio.Task | None = None
         self._model_lock: asyncio.Lock | None = None  # created on the actor's event loop
@@ -329,6 +332,8 @@ class DualSamplerServer:
                 **forward,
                 GUIDED_KEY: not request.policy_only,
                 FAST_ENGINE_KEY: int(self.fast_engine),
+                REPLICA_KEY: self.replica_rank,
+                WEIGHT_VERSION_KEY: self.weight_version,
             },
         )
 
@@ -387,6 +392,7 @@ class DualSamplerServer:
             raise KeyError(f"weight sync did not send {len(missing)} policy parameters, e.g. {missing[:8]}")
         if global_steps is not None:
             self.global_steps = int(global_steps)
+        self.weight_version = self.global_steps
         async with self._lock():
             self._enter_phase("rollout")
         return self.global_steps

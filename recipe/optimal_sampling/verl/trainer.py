@@ -10,16 +10,18 @@ Differs from `PPOTrainerSync` in:
 - `_compute_metrics`: it also reads the per-token traces that `DualAgentLoop` wrote into TransferQueue (before verl
   clears them), reduces those of the responses sampled with the teacher with `metrics.reduce_metrics` (in a mixed
   group the on-policy responses are counted only by `guided_frac`), adds the server-vs-trainer log-prob gap, the step's
-  model forward tokens (`forward_token_metrics`) and the share of responses without a learning signal
-  (`advantage_metrics`) and each server's numbers of the step's phases (`optimal_sampling/server/*`: wall time,
-  engine time, memory; `phases.PhaseLog`), and every `plot_freq` steps sends alpha plots to W&B;
+  model forward tokens (`forward_token_metrics`), the share of responses without a learning signal
+  (`advantage_metrics`), per-replica evidence of a multi-GPU run (`replica_metrics`: responses served, log-prob gap and
+  missed weight syncs per replica) and each server's numbers of the step's phases (`optimal_sampling/server/*`: wall
+  time, engine time, memory; `phases.PhaseLog`), and every `plot_freq` steps sends alpha plots to W&B;
 - with `optimal_sampling.validate_policy_only`: `on_validate_begin`/`on_validate_end` switch the dual servers to
   policy-only sampling for the validation, and `_val_metrics_update` adds `optimal_sampling/val_policy_only_accuracy`.
 - with `algorithm.adv_estimator=optimal_sampling_guided`: `_compute_advantage` hands the registered estimator the step's
   guided flags and both models' log-probs (`verl/guided.py`), and `on_sample_begin` sends the servers the guided members
   per group left by the `guided_loss` fade (lifted during validation).
 verl's own `rollout_corr/*` metrics come from its `_compute_advantage`. The maths of the reductions lives in
-`step_metrics`, `forward_token_metrics` and `advantage_metrics` (functions of tensors and dicts, tested on CPU).
+`step_metrics`, `forward_token_metrics`, `advantage_metrics` and `replica_metrics` (functions of tensors and dicts,
+tested on CPU).
 """
 
 import math
@@ -39,7 +41,7 @@ from . import TRAINER_MODE
 from .agent_loop import TRACE_FIELDS
 from .config import OptimalSamplingConfig
 from .guided import GUIDED_ESTIMATOR, critic_metrics, guided_step, policy_reward_mean, read_step_inputs
-from .server import FAST_ENGINE_KEY, FORWARD_TOKEN_KEYS, GUIDED_KEY, TRACE_PREFIX
+from .server import FAST_ENGINE_KEY, FORWARD_TOKEN_KEYS, GUIDED_KEY, REPLICA_KEY, TRACE_PREFIX, WEIGHT_VERSION_KEY
 
 SYNC_MODE = "sync"  # the trainer_mode verl 0.9.1's base trainer treats as synchronous
 
@@ -79,6 +81,51 @@ def advantage_metrics(advantages: Tensor, response_mask: Tensor) -> dict[str, fl
     advantages, response_mask: (B, T)."""
     zero = ((advantages == 0) | ~response_mask.bool()).all(dim=-1)  # (B,)
     return {PREFIX + "zero_advantage_frac": float(zero.double().mean()) if zero.numel() else 0.0}
+
+
+def replica_metrics(
+    extra_fields: list[dict],
+    logp_policy: Tensor,
+    old_log_probs: Tensor,
+    response_mask: Tensor,
+    global_steps: int,
+    num_replicas: int,
+) -> dict[str, float]:
+    """Per-replica evidence of one step (what proves a multi-GPU run spread its requests and synced every server):
+    - `optimal_sampling/replica<r>/responses`: responses replica r served (0 for an idle one), for r < num_replicas,
+      and `replica_responses_min`, the smallest of them;
+    - `optimal_sampling/replica<r>/logp_policy_server_vs_trainer`: mean |server log pi_theta(y_t) - trainer
+      old_log_prob(y_t)| over replica r's response tokens (all its responses, guided or not): ~0 only if it sampled
+      with the trainer's current weights (absent for an idle replica);
+    - `optimal_sampling/replica_weight_lag_max`: max over responses of (global_steps - 1) - the serving replica's weight
+      version, i.e. the weight syncs a replica missed: 0 in the sync trainer, whose step s samples with the weights
+      synced at the end of step s - 1 (verl's `training/off_policy/trajectory_staleness` has the same origin).
+    extra_fields: one dict per response, as the servers returned them; logp_policy (the server's), old_log_probs,
+    response_mask: (B, T)."""
+    missing = [e for e in extra_fields if REPLICA_KEY not in e or WEIGHT_VERSION_KEY not in e]
+    assert not missing, f"responses without {REPLICA_KEY}/{WEIGHT_VERSION_KEY}: {len(missing)} of {len(extra_fields)}"
+    ranks = torch.tensor([int(e[REPLICA_KEY]) for e in extra_fields], dtype=torch.long)  # (B,)
+    versions = torch.tensor([int(e[WEIGHT_VERSION_KEY]) for e in extra_fields], dtype=torch.long)  # (B,)
+    assert ((ranks >= 0) & (ranks < num_replicas)).all(), f"{ranks.tolist()=} {num_replicas=}"
+    on = response_mask.bool()  # (B, T)
+    gap = torch.where(on, (logp_policy.double() - old_log_probs.double()).abs(), 0.0)  # (B, T)
+    counts = torch.bincount(ranks, minlength=num_replicas)  # (R,)
+    out = {}
+    for r in range(num_replicas):
+        out[f"{PREFIX}replica{r}/responses"] = float(counts[r])
+        mine = ranks == r  # (B,)
+        if mine.any():
+            out[f"{PREFIX}replica{r}/logp_policy_server_vs_trainer"] = float(gap[mine].sum() / on[mine].sum())
+    out[PREFIX + "replica_responses_min"] = float(counts.min())
+    lag = (global_steps - 1) - versions  # (B,)
+    out[PREFIX + "replica_weight_lag_max"] = float(lag.max()) if lag.numel() else 0.0
+    return out
+
+
+def replica_count(config) -> int:
+    """Rollout replicas of a run, counted as verl's LLMServerManager does (actor worker group size // rollout world
+    size): one per trainer GPU, since the dual backend runs rollout TP = DP = PP = 1 (checked at start-up)."""
+    return int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
 
 
 def os_config_of(config) -> OptimalSamplingConfig:
@@ -137,7 +184,7 @@ class OptimalSamplingTrainer(PPOTrainerSync):
 
     def _optimal_sampling_metrics(self, batch, global_steps: int) -> dict[str, float]:
         """optimal_sampling/* of one step: trace statistics (of the responses sampled with the teacher), the share of
-        those, forward tokens, zero-advantage share; alpha plots to W&B on plot steps."""
+        those, forward tokens, per-replica evidence, zero-advantage share; alpha plots to W&B on plot steps."""
         # 1) the step's responses from TransferQueue, padding rows left out
         select = [*TRACE_FIELDS, "rollout_log_probs", "old_log_probs", "advantages", "response_mask"]
         data = tq.kv_batch_get(
@@ -157,7 +204,15 @@ class OptimalSamplingTrainer(PPOTrainerSync):
             traces = {k: v for k, v in traces.items() if math.isfinite(v)}
         traces[PREFIX + "guided_frac"] = float(guided.double().mean()) if guided.numel() else 0.0
         self._log_alpha_plots(traced, global_steps)
-        return {**traces, **forward, **advantage_metrics(fields["advantages"], fields["response_mask"])}
+        replicas = replica_metrics(
+            extra_fields,
+            fields[TRACE_PREFIX + "logp_policy"],
+            fields["old_log_probs"],
+            fields["response_mask"],
+            global_steps,
+            replica_count(self.config),
+        )
+        return {**traces, **forward, **replicas, **advantage_metrics(fields["advantages"], fields["response_mask"])}
 
     def _server_phase_metrics(self) -> dict[str, float]:
         """`optimal_sampling/server/*` of the step's sync, rollout and train phases; with several servers the largest
