@@ -11,11 +11,14 @@ from omegaconf import OmegaConf
 from recipe.optimal_sampling.metrics import reduce_metrics
 from recipe.optimal_sampling.verl.agent_loop import TRACE_FIELDS
 from recipe.optimal_sampling.verl.reward import compute_score
+from recipe.optimal_sampling.verl.server import REPLICA_KEY, WEIGHT_VERSION_KEY
 from recipe.optimal_sampling.verl.trainer import (
     OptimalSamplingTrainer,
     advantage_metrics,
     alpha_figure,
     padded,
+    replica_count,
+    replica_metrics,
     step_metrics,
 )
 
@@ -79,6 +82,55 @@ def test_zero_advantage_frac_counts_the_uniform_reward_groups_of_verls_grpo():
     assert (advantages[6:] != 0).any()  # the mixed groups do carry a signal
     assert advantage_metrics(advantages, mask) == {"optimal_sampling/zero_advantage_frac": 6 / 12}
     assert advantage_metrics(torch.zeros(0, 5), torch.zeros(0, 5)) == {"optimal_sampling/zero_advantage_frac": 0.0}
+
+
+def naive_replica_metrics(ranks, versions, server, trainer, lengths, step, num_replicas) -> dict[str, float]:
+    """Per-response Python loop over the response tokens."""
+    out = {}
+    for r in range(num_replicas):
+        mine = [i for i, rank in enumerate(ranks) if rank == r]
+        out[f"optimal_sampling/replica{r}/responses"] = float(len(mine))
+        diffs = [abs(float(server[i, t]) - float(trainer[i, t])) for i in mine for t in range(lengths[i])]
+        if mine:
+            out[f"optimal_sampling/replica{r}/logp_policy_server_vs_trainer"] = sum(diffs) / len(diffs)
+    out["optimal_sampling/replica_responses_min"] = min(
+        out[f"optimal_sampling/replica{r}/responses"] for r in range(num_replicas)
+    )
+    out["optimal_sampling/replica_weight_lag_max"] = float(max(step - 1 - v for v in versions))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_replica_metrics_equal_a_naive_loop(seed):
+    """4 replicas, one idle (responses 0, no gap), one a sync behind; the padding of short responses is left out."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, step = 7, 5, 4
+    ranks, versions = [0, 2, 1, 0, 2, 2, 0], [3, 3, 2, 3, 3, 3, 3]  # replica 1 missed the last sync; 3 served none
+    lengths = torch.randint(1, T + 1, (B,), generator=g).tolist()
+    mask = (torch.arange(T) < torch.tensor(lengths)[:, None]).float()  # (B, T)
+    server = -torch.rand(B, T, generator=g) * mask  # (B, T)
+    trainer = (server + 0.01 * torch.randn(B, T, generator=g)) * mask  # (B, T)
+    extra = [{REPLICA_KEY: r, WEIGHT_VERSION_KEY: v, "global_steps": v} for r, v in zip(ranks, versions, strict=True)]
+    got = replica_metrics(extra, server, trainer, mask, step, num_replicas=4)
+    want = naive_replica_metrics(ranks, versions, server, trainer, lengths, step, 4)
+    assert got.keys() == want.keys()
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert got["optimal_sampling/replica3/responses"] == 0 and got["optimal_sampling/replica_responses_min"] == 0
+    assert "optimal_sampling/replica3/logp_policy_server_vs_trainer" not in got
+    assert got["optimal_sampling/replica_weight_lag_max"] == 1
+
+
+def test_replica_metrics_refuse_unknown_replicas_and_unstamped_responses():
+    mask = torch.ones(1, 2)
+    with pytest.raises(AssertionError, match="num_replicas=2"):
+        replica_metrics([{REPLICA_KEY: 2, WEIGHT_VERSION_KEY: 0}], mask, mask, mask, 1, num_replicas=2)
+    with pytest.raises(AssertionError, match="dual_replica_rank"):
+        replica_metrics([{"global_steps": 0}], mask, mask, mask, 1, num_replicas=2)
+
+
+def test_replica_count_is_one_per_trainer_gpu():
+    config = OmegaConf.create({"trainer": {"n_gpus_per_node": 8, "nnodes": 2}})
+    assert replica_count(config) == 16
 
 
 def test_fields_read_back_from_verls_nested_layout_pad_to_the_same_values():
