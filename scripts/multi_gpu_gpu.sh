@@ -50,7 +50,7 @@ if [ ! -e "${SITE}/verl/__init__.py" ]; then
         exit 1
     }
 fi
-export PYTHONPATH=${SITE}
+export PYTHONPATH=${REPO}:${SITE}  # this tree's recipe first (the installed copy may be older), then verl & co.
 # 2) the task, once
 if [ ! -e "${TASK_DIR}/models/meta.json" ] || [ ! -e "${TASK_DIR}/train.parquet" ]; then
     python3 -m recipe.optimal_sampling.tasks --task addition --jobs 2 --train-device "${TRAIN_DEVICE}" \

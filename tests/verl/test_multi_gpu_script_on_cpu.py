@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from recipe.optimal_sampling.main import prepare_config
+from recipe.optimal_sampling.verl.data import write_datasets
 from tests.verl.fixtures import compose_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,8 +63,7 @@ def launched(tmp_path, checkpoints):
         d.mkdir(parents=True)
     (site / "verl" / "__init__.py").write_text("")
     (task / "models" / "meta.json").write_text("{}")
-    for split in ("train", "test"):
-        (task / f"{split}.parquet").write_text("")
+    write_datasets(str(task), n_train=4, n_test=2)  # prepare_config reads them (per-request response caps)
     for role in ("policy", "teacher"):
         os.symlink(checkpoints[role], task / "models" / role)
     executable(bin_dir / "python3", FAKE_PYTHON)
