@@ -15,8 +15,9 @@ Each run folder holds `metrics.jsonl` (verl's `file` logger: one `{"step": k, "d
 - noise: each compared training metric agrees with the one-GPU run within noise: the mean over steps of the paired
   per-step difference is within --z standard errors of 0 (the runs share data order and seed but not the draws: the
   requests reach other replicas, whose sampling seeds differ).
-Also reported: per-GPU peak memory, and the step time split (verl's `timing_s/*`, mean over the steps after the
-first, which includes warm-up). Standard library only; knows nothing about verl beyond the metric names.
+Also reported: per-GPU peak memory, and the step time split (verl's `timing_s/*`, the servers' phases
+`optimal_sampling/server/*_s` and memory `*_gib`, means over the steps after the first, which includes warm-up).
+Standard library only; knows nothing about verl beyond the metric names.
 """
 
 import argparse
@@ -41,6 +42,12 @@ COMPARED = (  # training metrics compared with the one-GPU run (those both runs 
     "actor/pg_loss",
     "actor/grad_norm",
 )
+
+
+def is_split(key: str) -> bool:
+    """verl's step timers (s), and the servers' phase times (s) and memory (GiB; the largest over servers)."""
+    server = key.startswith(PREFIX + "server/") and key.endswith(("_s", "_gib"))
+    return key.startswith("timing_s/") or server
 
 
 def read_steps(path: str) -> dict[int, dict]:
@@ -125,10 +132,10 @@ def report(multi_dir: str, single_dir: str, gpus: int, total_steps: int, gap_tol
         total = (mem_multi.get(index) or mem_single.get(index))[1]
         used = [f"{m[index][0]:.0f}" if index in m else "" for m in (mem_multi, mem_single)]
         out.append(f"| {index} | {used[0]} | {used[1]} | {total:.0f} |")
-    # 3) step time split
-    out += ["", "## Step time split (s, mean over steps >= 2)", "", "| timer | N-GPU run | 1-GPU run |"]
+    # 3) step time split (verl's timers, the servers' phases) and the servers' memory per phase
+    out += ["", "## Step time split and server memory (mean over steps >= 2)", "", "| metric | N-GPU run | 1-GPU run |"]
     out += ["|---|---|---|"]
-    for key in sorted({k for d in (*multi.values(), *single.values()) for k in d if k.startswith("timing_s/")}):
+    for key in sorted({k for d in (*multi.values(), *single.values()) for k in d if is_split(k)}):
         means = []
         for steps in (multi, single):
             values = [d[key] for s, d in steps.items() if key in d and (s >= 2 or len(steps) == 1)]

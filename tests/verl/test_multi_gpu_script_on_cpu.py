@@ -135,10 +135,13 @@ def test_report_passes_a_clean_run_and_names_each_failure(tmp_path):
     scores = [0.50, 0.60, 0.55, 0.70, 0.65]
     single = write_run(tmp_path / "single", [{"critic/score/mean": s} for s in scores])
     noisy = [s + d for s, d in zip(scores, [0.02, -0.03, 0.01, -0.01, 0.02], strict=True)]  # mean diff 0.002
-    clean = write_run(tmp_path / "ok", [replica_step([64, 64], [0.0, 1e-3], **{"critic/score/mean": s}) for s in noisy])
+    extra = {"timing_s/gen": 2.0, "optimal_sampling/server/rollout_s": 1.5, "optimal_sampling/server/train_s": 9.0}
+    clean_steps = [replica_step([64, 64], [0.0, 1e-3], **{"critic/score/mean": s}, **extra) for s in noisy]
+    clean = write_run(tmp_path / "ok", clean_steps)
     text, ok = multi_gpu_compare.report(clean, single, gpus=2, total_steps=5, gap_tol=0.01, z=3)
     assert ok, text
     assert "| 1 | 64, 64 | 0 | 0.001 |" in text
+    assert "| `optimal_sampling/server/rollout_s` | 1.5 |  |" in text and "| `timing_s/gen` | 2 |  |" in text
     # an idle replica, a missed sync, a stale replica's gap, a shifted metric, a short run: each its own FAIL
     bad_steps = [replica_step([128, 0], [0.0, 0.0], **{"critic/score/mean": s + 0.3}) for s in scores[:4]]
     bad_steps[1] = replica_step([64, 64], [0.0, 0.4], lag=1, **{"critic/score/mean": scores[1] + 0.3})
