@@ -38,6 +38,8 @@ MIN_RUN_S=${MIN_RUN_S:-150}                                   # do not start a r
 export DEADLINE_EPOCH=$(($(date +%s) + BUDGET_S))
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
 KEY=actor_rollout_ref.rollout.engine_kwargs.optimal_sampling
+MICRO_BATCH=64 AGENT_WORKERS=2                               # sequences per actor / log-prob micro-batch; agent loops
+source "${REPO}/scripts/experiments/task_overrides.sh"        # the tiny-task overrides run_arm.sh uses too
 
 cd "${REPO}"
 mkdir -p "${WORK_DIR}"
@@ -66,37 +68,14 @@ train() {  # NAME GPUS: one training run on GPUs 0..GPUS-1 into WORK_DIR/NAME/, 
         return 3
     fi
     rm -rf "${dir}" && mkdir -p "${dir}"
+    task_overrides
     nvidia-smi --query-gpu=timestamp,index,memory.used,memory.total,utilization.gpu --format=csv,noheader,nounits \
         -lms 500 > "${dir}/gpu_mem.csv" &
     sampler=$!
     local cmd=(python3 -m recipe.optimal_sampling.main
         sampler="${PRESET}"
-        data.train_files="${TASK_DIR}/train.parquet"
-        data.val_files="${TASK_DIR}/test.parquet"
-        data.train_batch_size="${TRAIN_BATCH}"
-        data.max_prompt_length=48
-        data.max_response_length="${RESPONSE_LENGTH}"
-        data.dataloader_num_workers=0
-        data.seed="${SEED}"
-        actor_rollout_ref.model.path="${TASK_DIR}/models/policy"
-        +actor_rollout_ref.model.override_config.attn_implementation=sdpa
-        actor_rollout_ref.model.use_remove_padding=False
-        actor_rollout_ref.actor.optim.lr="${LR}"
-        actor_rollout_ref.actor.ppo_mini_batch_size="${TRAIN_BATCH}"
-        actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64
-        actor_rollout_ref.actor.use_kl_loss=False
-        actor_rollout_ref.actor.fsdp_config.use_torch_compile=False
-        actor_rollout_ref.rollout.n="${ROLLOUT_N}"
-        actor_rollout_ref.rollout.seed="${SEED}"
-        actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64
-        actor_rollout_ref.rollout.agent.num_workers=2
-        "${KEY}.teacher_path=${TASK_DIR}/models/teacher"
-        "${KEY}.policy_template='${POLICY_TEMPLATE}'"
+        "${TASK_OVERRIDES[@]}"
         "${KEY}.plot_freq=${TOTAL_STEPS}"
-        algorithm.rollout_correction.rollout_is_threshold="${IS_THRESHOLD}"
-        reward.custom_reward_function.path="${REPO}/recipe/optimal_sampling/verl/reward.py"
-        reward.custom_reward_function.name=compute_score
-        reward.num_workers=1
         trainer.n_gpus_per_node="${gpus}"
         trainer.nnodes=1
         trainer.total_training_steps="${TOTAL_STEPS}"

@@ -127,37 +127,16 @@ if python3 "${HERE}/run_status.py" complete "${METRICS}" --total-steps "${TOTAL_
     exit 0
 fi
 
+MICRO_BATCH=128                                               # a step's 128 sequences in one micro-batch
+source "${HERE}/task_overrides.sh"
+task_overrides
 CMD=(python3 -m recipe.optimal_sampling.main
     "${ARM_OVERRIDES[@]}"
     "${KEY}.skip_unused_teacher=true"
     "${KEY}.validate_policy_only=true"
     actor_rollout_ref.rollout.val_kwargs.temperature=0
     actor_rollout_ref.rollout.val_kwargs.do_sample=false
-    data.train_files="${TASK_DIR}/train.parquet"
-    data.val_files="${TASK_DIR}/test.parquet"
-    data.train_batch_size="${TRAIN_BATCH}"
-    data.max_prompt_length=48
-    data.max_response_length="${RESPONSE_LENGTH}"
-    data.dataloader_num_workers=0
-    data.seed="${SEED}"
-    actor_rollout_ref.model.path="${TASK_DIR}/models/policy"
-    +actor_rollout_ref.model.override_config.attn_implementation=sdpa
-    actor_rollout_ref.model.use_remove_padding=False
-    actor_rollout_ref.actor.optim.lr="${LR}"
-    actor_rollout_ref.actor.ppo_mini_batch_size="${TRAIN_BATCH}"
-    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=128
-    actor_rollout_ref.actor.use_kl_loss=False
-    actor_rollout_ref.actor.fsdp_config.use_torch_compile=False
-    actor_rollout_ref.rollout.n="${ROLLOUT_N}"
-    actor_rollout_ref.rollout.seed="${SEED}"
-    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=128
-    actor_rollout_ref.rollout.agent.num_workers="${AGENT_WORKERS}"
-    "${KEY}.teacher_path=${TASK_DIR}/models/teacher"
-    "${KEY}.policy_template='${POLICY_TEMPLATE}'"
-    algorithm.rollout_correction.rollout_is_threshold="${IS_THRESHOLD}"
-    reward.custom_reward_function.path="${REPO}/recipe/optimal_sampling/verl/reward.py"
-    reward.custom_reward_function.name=compute_score
-    reward.num_workers=1
+    "${TASK_OVERRIDES[@]}"
     trainer.n_gpus_per_node=1
     trainer.nnodes=1
     trainer.total_training_steps="${TOTAL_STEPS}"
