@@ -150,7 +150,7 @@ CMD=(python3 -m recipe.optimal_sampling.main
     +ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH="${ATTEMPT}"
     "+ray_kwargs.ray_init.runtime_env.env_vars.PYTHONPATH='${PYTHONPATH:-}'"
 )
-if [ "${SAVE_FREQ}" -gt 0 ]; then                             # resumable: the latest checkpoint only
+if [ "${SAVE_FREQ}" -gt 0 ]; then                             # resumable: the latest two checkpoints
     CMD+=(trainer.save_freq="${SAVE_FREQ}" trainer.resume_mode=auto trainer.default_local_dir="${RUN_DIR}/ckpt"
         trainer.max_actor_ckpt_to_keep=2)
 else
