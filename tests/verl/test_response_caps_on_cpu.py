@@ -60,6 +60,26 @@ def test_dataset_check_reads_every_row_of_local_parquet_files(tmp_path):
         check_dataset_caps(bad, 4, 8)
 
 
+def test_a_dataset_whose_extra_info_has_no_cap_field_is_not_read_row_by_row(tmp_path, monkeypatch):
+    """A struct extra_info without the field cannot hold a cap: the check reads the schema only (fast start-up on
+    large datasets); with the field, every row is read."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from recipe.optimal_sampling.verl import response_caps
+
+    plain = tmp_path / "plain.parquet"
+    pd.DataFrame([{"extra_info": {"index": i}} for i in range(3)]).to_parquet(plain)
+    capped = write_rows(tmp_path / "capped.parquet", [[9, 1, 1, 1]])
+    reads = []
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, **kw: reads.append(str(path)) or real(path, **kw))
+    response_caps.check_dataset_caps([str(plain)], 4, 8)
+    with pytest.raises(ValueError, match="capped.parquet row 0"):
+        response_caps.check_dataset_caps([capped], 4, 8)
+    assert reads == [capped]
+
+
 def test_prepare_config_refuses_a_dataset_with_a_bad_cap_before_loading_models(checkpoints, tmp_path):
     train = write_rows(tmp_path / "train.parquet", [[2, 3, 4, 5], [2, 3, 4, 100]])
     val = write_rows(tmp_path / "val.parquet", [5])  # validation: val_kwargs.n = 1 response per prompt

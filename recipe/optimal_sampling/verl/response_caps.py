@@ -78,10 +78,19 @@ def check_dataset_caps(files, n: int, max_response_length: int) -> None:
     for path in [files] if isinstance(files, str) else list(files or []):
         if not (str(path).endswith(".parquet") and os.path.isfile(path)):
             continue
-        if "extra_info" not in pq.read_schema(path).names:
-            continue
+        schema = pq.read_schema(path)
+        if "extra_info" not in schema.names or not _may_hold_caps(schema.field("extra_info").type):
+            continue  # no row can set a cap: the rows are not read (start-up stays fast on large datasets)
         for i, extra_info in enumerate(pq.read_table(path, columns=["extra_info"]).column(0).to_pylist()):
             try:
                 check_row(extra_info, n, max_response_length)
             except ValueError as e:
                 raise ValueError(f"{path} row {i}: {e}") from None
+
+
+def _may_hold_caps(extra_info_type) -> bool:
+    """False when the parquet type of extra_info shows that no row has the field (a struct without it); other types
+    (maps, strings) are read."""
+    import pyarrow as pa
+
+    return not pa.types.is_struct(extra_info_type) or extra_info_type.get_field_index(CAP_FIELD) >= 0
