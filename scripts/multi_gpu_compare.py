@@ -22,10 +22,12 @@ Standard library only; knows nothing about verl beyond the metric names.
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+from run_status import read_rows  # noqa: E402  (verl's file logger: one reader for every report)
 
 PREFIX = "optimal_sampling/"
 COMPARED = (  # training metrics compared with the one-GPU run (those both runs have)
@@ -53,16 +55,9 @@ def is_split(key: str) -> bool:
 def read_steps(path: str) -> dict[int, dict]:
     """Training steps (>= 1) of a metrics file: {step: data}; a truncated last line (a killed run) is left out."""
     steps = {}
-    if not os.path.exists(path):
-        return steps
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if int(row["step"]) >= 1:
-                steps.setdefault(int(row["step"]), {}).update(row["data"])
+    for row in read_rows(path) if os.path.exists(path) else []:
+        if int(row["step"]) >= 1:
+            steps.setdefault(int(row["step"]), {}).update(row["data"])
     return steps
 
 

@@ -14,23 +14,19 @@ within each phase's window. Standard library only.
 """
 
 import argparse
-import json
+import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+from run_status import read_rows  # noqa: E402  (verl's file logger: one reader for every report)
 
 SERVER = "optimal_sampling/server/"
 PHASES = ("rollout", "train", "sync")
 
 
 def read_steps(path: str) -> list[dict]:
-    """{"step": k, "data": {...}} per line; a truncated last line (a killed run) is left out."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return [r for r in rows if r.get("step", 0) >= 1]
+    """The training steps' {"step": k, "data": {...}} (step >= 1); a truncated last line (a killed run) is left out."""
+    return [r for r in read_rows(path) if r.get("step", 0) >= 1]
 
 
 def read_timeline(path: str | None) -> list[tuple[float, float]]:
